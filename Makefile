@@ -1,0 +1,43 @@
+# earshot: `make run` installs into .venv and runs the daemon; `make test` installs and runs every test.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+CONFIG ?= systemd/earshot.toml
+APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 ffmpeg tmux libasound2-plugins
+
+.PHONY: run test install install-test apt clean bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install --quiet -e '.[test,train]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# System packages the tests use (a real broker, a virtual microphone, ffmpeg); only when run as root.
+apt:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+		if [ -n "$$missing" ]; then \
+			echo "installing: $$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		fi; \
+	else echo "not root: skipping apt packages ($(APT_PACKAGES)); tests that need them will be skipped"; fi
+
+run: install
+	$(VENV)/bin/earshot run --config $(CONFIG) --demo-if-no-device
+
+test: apt $(VENV)/.installed-test
+	$(VENV)/bin/pytest -q
+
+bench: install
+	$(PY) tools/bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache

@@ -1,0 +1,192 @@
+"""earshot command line: run the daemon, detect in files, list devices, watch events, check a config.
+
+Exit codes: 0 success, 1 runtime failure (missing device or model, a dead worker), 2 invalid
+configuration or arguments. User errors print one line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, SourceConfig, StdoutConfig
+from .config import load as load_config
+
+_LOGGER = logging.getLogger("earshot")
+
+DEFAULT_CONFIG = Path("/etc/earshot/earshot.toml")
+
+
+def _setup_logging(level: str) -> None:
+    # journald stamps every line itself; a terminal user wants the time.
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if sys.stderr.isatty():
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+def _config(path: str | None) -> Config:
+    if path is None and DEFAULT_CONFIG.is_file():
+        path = str(DEFAULT_CONFIG)
+    return load_config(path)
+
+
+def _load_model(config: Config):
+    import torch
+
+    from .model import default_model_path, load_checkpoint
+
+    torch.set_num_threads(config.model.threads)
+    path = Path(config.model.path) if config.model.path else default_model_path()
+    return load_checkpoint(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .capture import has_input_device
+    from .publish import Fanout, make_publishers
+    from .service import Service
+
+    config = _config(args.config)
+    _setup_logging("debug" if args.debug else config.log_level)
+    if args.demo or (args.demo_if_no_device and any(s.kind == "mic" for s in config.active_sources)
+                     and not has_input_device()):
+        if not args.demo:
+            _LOGGER.warning("no audio capture device found: running the demo scene instead "
+                            "(generated audio with alarms, glass breaks and gunshots, played at real time)")
+        config = config.with_sources((SourceConfig(name="demo", kind="demo", loop=True),))
+        config = replace(config, stdout=StdoutConfig(enabled=True))
+    if args.stdout:
+        config = replace(config, stdout=StdoutConfig(enabled=True))
+    loaded = _load_model(config)
+    _LOGGER.info("earshot %s, model %s (%s)", __version__, loaded.provenance.get("name", "earshot"),
+                 ", ".join(f"{k}>{v:.2f}" for k, v in loaded.thresholds.items()))
+    publisher = Fanout(make_publishers(config))
+    service = Service(config, loaded, publisher)
+    service.install_signal_handlers()
+    try:
+        service.start()
+    except BaseException:
+        publisher.close(timeout_s=1.0)
+        raise
+    return service.supervise()
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from .capture import CaptureError, iter_file_blocks
+    from .offline import BLOCK_S, detect_blocks, detections
+
+    config = _config(args.config)
+    _setup_logging("debug" if args.debug else "warning")
+    loaded = _load_model(config)
+    failed = 0
+    for file in args.files:
+        found: list = []
+        try:
+            blocks = iter_file_blocks(file, loaded.frontend.sample_rate, block_s=BLOCK_S)
+            events = detect_blocks(blocks, loaded, config.detect, config.frontend, source=Path(file).name)
+            found = detections(file, events)
+        except CaptureError as e:
+            print(f"earshot: {e}", file=sys.stderr)
+            failed += 1
+        for d in found:
+            print(json.dumps(d.to_dict()) if args.format == "jsonl" else d.to_dcase(), flush=True)
+    return 1 if failed else 0
+
+
+def cmd_devices(_args: argparse.Namespace) -> int:
+    from .capture import list_devices
+
+    print(list_devices())
+    return 0
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    from .tail import tail
+
+    _setup_logging("warning")
+    if args.zmq is None and args.mqtt is None:
+        config = _config(args.config)
+        args.zmq = config.zmq.endpoint if config.zmq.enabled else None
+        args.mqtt = None if args.zmq else f"mqtt://{config.mqtt.host}:{config.mqtt.port}"
+    return tail(args.mqtt, args.zmq, node=args.node, raw_json=args.json)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.file)
+    sources = ", ".join(f"{s.name} ({s.kind})" for s in config.active_sources)
+    print(f"{args.file}: OK; node {config.node}; sources: {sources}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="earshot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"earshot {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-c", "--config", help=f"TOML configuration (default {DEFAULT_CONFIG} if it exists)")
+        p.add_argument("--debug", action="store_true", help="verbose logging")
+
+    p = sub.add_parser("run", help="run the detector daemon")
+    common(p)
+    p.add_argument("--demo", action="store_true", help="listen to the generated demo scene instead of the sources")
+    p.add_argument("--demo-if-no-device", action="store_true",
+                   help="fall back to the demo scene when no capture device exists")
+    p.add_argument("--stdout", action="store_true", help="also print events as JSON lines")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("detect", help="detect events in audio files, as fast as the CPU allows")
+    common(p)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--format", choices=("jsonl", "dcase"), default="jsonl",
+                   help="jsonl: one JSON object per event; dcase: file<TAB>onset<TAB>offset<TAB>label")
+    p.set_defaults(func=cmd_detect)
+
+    p = sub.add_parser("devices", help="list audio capture devices")
+    p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("tail", help="print events from a running daemon (ZeroMQ or MQTT)")
+    p.add_argument("-c", "--config", help="read the endpoints from this configuration")
+    p.add_argument("--zmq", metavar="ENDPOINT", help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5556")
+    p.add_argument("--mqtt", metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
+    p.add_argument("--node", default="+", help="only this node's events (MQTT)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON payloads")
+    p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("check-config", help="validate a configuration file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_check_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .capture import CaptureError
+    from .model import CheckpointError
+    from .publish import PublishError
+
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"earshot: {e}", file=sys.stderr)
+        return 2
+    except (CaptureError, CheckpointError, PublishError) as e:
+        print(f"earshot: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,191 @@
+"""One stream's detection chain: samples -> log-mel frames -> CNN per hop -> level gate -> events.
+
+Two analyzers produce the same hops and events:
+
+- `StreamAnalyzer` for live audio: every hop runs as soon as its audio is in (StreamingScorer);
+- `BatchAnalyzer` for files (`earshot detect`, evaluation): blocks of tens of seconds are
+  scored in large batches (score_windows), which tests show equal the streaming scores.
+
+Both share the level gate and the event state machine, so what is measured offline is what runs
+on a microphone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ConfigError, DetectConfig, FrontendConfig
+from .detect import Detector, make_rules
+from .events import Event
+from .features import StreamingFeatures
+from .model import LoadedModel, StreamingScorer, score_windows
+
+SILENCE_DBFS = -120.0
+"""Level reported for digital silence (dBFS)."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """What one hop produced: for live views, metrics and score streams."""
+
+    t_end: float
+    """End of the scored window (stream seconds)."""
+    scores: np.ndarray
+    """Class scores (0..1) in the model's label order; zero when gated by level."""
+    level_dbfs: float
+    """RMS level of the window's last hop of audio (dBFS)."""
+
+
+def hop_frames(frontend: FrontendConfig, loaded: LoadedModel) -> int:
+    """Frames per hop, checking the runtime window against the model's."""
+    p = loaded.frontend
+    if abs(frontend.chunk_size - p.chunk_s) > 1e-6:
+        raise ConfigError([
+            f"frontend.chunk_size is {frontend.chunk_size} s but the model was trained on {p.chunk_s} s windows; "
+            f"set chunk_size = {p.chunk_s} or use a model trained for {frontend.chunk_size} s"
+        ])
+    n = round(frontend.chunk_hop / p.frame_s)
+    if n < 1 or abs(n * p.frame_s - frontend.chunk_hop) > 1e-6:
+        raise ConfigError([f"frontend.chunk_hop: {frontend.chunk_hop} s is not a multiple of {p.frame_s} s frames"])
+    return n
+
+
+def level_dbfs(samples: np.ndarray) -> float:
+    """RMS level in dB relative to full scale."""
+    if samples.size == 0:
+        return SILENCE_DBFS
+    ms = float(np.mean(np.square(samples, dtype=np.float64)))
+    return max(SILENCE_DBFS, 10.0 * math.log10(ms)) if ms > 0 else SILENCE_DBFS
+
+
+class _History:
+    """The latest samples of a stream, addressed by absolute sample index."""
+
+    def __init__(self) -> None:
+        self.start = 0  # absolute index of buf[0]
+        self.buf = np.zeros(0, dtype=np.float32)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.buf.size
+
+    def append(self, samples: np.ndarray) -> None:
+        self.buf = np.concatenate([self.buf, samples])
+
+    def slice(self, a: int, b: int) -> np.ndarray:
+        return self.buf[max(0, a - self.start): max(0, b - self.start)]
+
+    def keep_from(self, index: int) -> None:
+        drop = min(max(0, index - self.start), self.buf.size)
+        if drop:
+            self.buf = self.buf[drop:].copy()
+            self.start += drop
+
+
+class _Analyzer:
+    """What both analyzers share: hop geometry, the level gate and the detector."""
+
+    def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, *, source: str,
+                 node: str, to_wall: Callable[[float], float], on_hop: Callable[[Hop], None] | None = None):
+        p = self.params = loaded.frontend
+        self.model = loaded.model
+        self.hop_frames = hop_frames(frontend, loaded)
+        self.hop_samples = self.hop_frames * p.hop_length
+        self.labels = list(loaded.labels)
+        self.min_level_dbfs = detect.min_level_dbfs
+        self.detector = Detector(
+            self.labels, make_rules(self.labels, loaded.thresholds, detect), source=source, node=node,
+            chunk_s=p.chunk_s, hop_s=self.hop_frames * p.frame_s, to_wall=to_wall,
+        )
+        self.on_hop = on_hop
+        self.features = StreamingFeatures(p)
+        self.audio = _History()
+
+    @property
+    def seconds_in(self) -> float:
+        """Audio received so far (s)."""
+        return self.audio.end / self.params.sample_rate
+
+    def finish(self) -> list[Event]:
+        """End the stream: closes events still in progress."""
+        return self.detector.flush(self.seconds_in)
+
+    def _hop(self, end_frame: int, scores: np.ndarray) -> list[Event]:
+        p = self.params
+        end_sample = (end_frame - 1) * p.hop_length + p.win_length
+        level = level_dbfs(self.audio.slice(end_sample - self.hop_samples, end_sample))
+        if level < self.min_level_dbfs:
+            scores = np.zeros_like(scores)
+        t_end = end_sample / p.sample_rate
+        if self.on_hop is not None:
+            self.on_hop(Hop(t_end, scores, level))
+        return self.detector.update(t_end, scores)
+
+    def _first_sample_needed(self, next_end_frame: int) -> int:
+        """Oldest sample a window ending at `next_end_frame` or later still needs for its level."""
+        p = self.params
+        return (next_end_frame - 1) * p.hop_length + p.win_length - self.hop_samples
+
+
+class StreamAnalyzer(_Analyzer):
+    """Live detection for one source: `push(samples) -> events` as audio arrives."""
+
+    def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, **kw):
+        super().__init__(loaded, frontend, detect, **kw)
+        self.scorer = StreamingScorer(self.model, self.params.chunk_frames, self.hop_frames)
+        self.frames_out = 0
+
+    def push(self, samples: np.ndarray) -> list[Event]:
+        """Feed audio (float32 mono at the model rate); returns the events it completed."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size == 0:
+            return []
+        self.audio.append(samples)
+        frames = self.features.push(samples)
+        self.frames_out += len(frames)
+        events: list[Event] = []
+        for end_frame, scores in self.scorer.push(frames):
+            events += self._hop(end_frame, scores)
+        next_end = max(self.params.chunk_frames, self.frames_out + 1)
+        self.audio.keep_from(self._first_sample_needed(next_end))
+        return events
+
+
+class BatchAnalyzer(_Analyzer):
+    """File detection: the same hops and events as StreamAnalyzer, scored a block at a time."""
+
+    def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, **kw):
+        super().__init__(loaded, frontend, detect, **kw)
+        p = self.params
+        self.frames = np.zeros((0, p.n_mels), dtype=np.float32)
+        self.frames_start = 0  # absolute index of self.frames[0]
+        self.next_end = p.chunk_frames  # absolute end frame of the next window to score
+
+    def push(self, samples: np.ndarray) -> list[Event]:
+        """Feed a block of audio (any length; tens of seconds is efficient)."""
+        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        if samples.size == 0:
+            return []
+        p = self.params
+        self.audio.append(samples)
+        self.frames = np.concatenate([self.frames, self.features.push(samples)])
+        total = self.frames_start + len(self.frames)
+        events: list[Event] = []
+        if total >= self.next_end:
+            # Window ends are chunk_frames + k*hop_frames in absolute frames; starting the batch at
+            # next_end - chunk_frames keeps score_windows' windows on that grid.
+            base = self.next_end - p.chunk_frames
+            local = self.frames[base - self.frames_start:]
+            ends, scores = score_windows(self.model, local, p.chunk_frames, self.hop_frames)
+            for end, row in zip(ends, scores):
+                events += self._hop(base + int(end), row)
+            self.next_end = base + int(ends[-1]) + self.hop_frames if len(ends) else self.next_end
+        keep = self.next_end - p.chunk_frames
+        self.frames = self.frames[keep - self.frames_start:]
+        self.frames_start = keep
+        self.audio.keep_from(self._first_sample_needed(self.next_end))
+        return events

@@ -1,0 +1,371 @@
+"""Configuration: a TOML file loaded into frozen dataclasses, validated once, every problem reported.
+
+Each stage has its own dataclass; every field carries a docstring with its unit. `load()` collects
+all problems (unknown keys, wrong types, bad values) and raises one `ConfigError` listing them, so a
+user fixes the file in one pass.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+SOURCE_KINDS = ("mic", "file", "ffmpeg", "stdin", "demo")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # safe in MQTT topics and ZeroMQ topic prefixes
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists every reason, one line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One audio source; each runs its own capture and detection pipeline."""
+
+    name: str = "mic"
+    """Name used in events and topics (letters, digits, `_`, `-`, `.`)."""
+    kind: str = "mic"
+    """`mic` (sound card), `file` (wav/flac/ogg), `ffmpeg` (URL or device), `stdin` (raw s16le 16 kHz mono) or `demo`."""
+    device: int | str | None = None
+    """mic: PortAudio device index or a case-insensitive substring of its name; unset = the default input."""
+    channel: int | None = None
+    """mic: input channel to use (0-based); unset = average all channels."""
+    samplerate: int | None = None
+    """mic: capture rate (Hz); unset = the device's default. Resampled to the model rate."""
+    block_ms: float = 20.0
+    """Capture block length (ms)."""
+    path: str | None = None
+    """file: path of the audio file."""
+    realtime: bool = True
+    """file: play at real time (true) or as fast as the detector runs (false)."""
+    loop: bool = False
+    """file/demo: start again at the end instead of stopping."""
+    url: str | None = None
+    """ffmpeg: input URL or device (rtsp://..., http://..., hw:1 with ffmpeg_args = ["-f", "alsa"])."""
+    ffmpeg_args: tuple[str, ...] = ()
+    """ffmpeg: extra input options placed before `-i`."""
+    enabled: bool = True
+    """Set false to keep a source in the file but not run it."""
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """How the stream is cut into model windows."""
+
+    chunk_size: float = 1.0
+    """Length of the window the model scores (s); must match the model's training."""
+    chunk_hop: float = 0.1
+    """Time between two scored windows (s); a multiple of 10 ms."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network to run and how."""
+
+    path: str | None = None
+    """Model checkpoint (.pt); unset = the model shipped with earshot."""
+    threads: int = 1
+    """CPU threads for inference (1 is right for a few streams on a small board)."""
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """How per-hop scores become start/end events."""
+
+    thresholds: dict[str, float] = field(default_factory=dict)
+    """Per-label score needed to start an event (0..1); labels not listed use the model's calibrated value."""
+    hysteresis: float = 0.7
+    """An active event keeps going while its score stays above threshold x hysteresis (0..1)."""
+    confirm_hops: int = 2
+    """Consecutive hops above threshold before an event starts (1 = start on the first)."""
+    hold_s: float = 0.5
+    """An event ends once its label has not been heard for this long (s)."""
+    refractory_s: float = 1.0
+    """After an event ends, the same label cannot start again for this long (s)."""
+    min_level_dbfs: float = -75.0
+    """Hops quieter than this (dBFS) score zero: nothing can be detected in near silence."""
+    labels: tuple[str, ...] = ()
+    """Labels to report; empty = all labels of the model."""
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """MQTT publisher (events, per-label ON/OFF state, availability)."""
+
+    enabled: bool = True
+    """Publish to an MQTT broker."""
+    host: str = "localhost"
+    """Broker host name or address."""
+    port: int = 1883
+    """Broker TCP port (8883 is usual with TLS)."""
+    topic_prefix: str = "earshot"
+    """First level of every topic."""
+    client_id: str | None = None
+    """MQTT client id; unset = `earshot-<node>`."""
+    username: str | None = None
+    """User name for the broker; unset = anonymous."""
+    password_file: str | None = None
+    """File holding the password (first line); unset = environment variable EARSHOT_MQTT_PASSWORD."""
+    tls: bool = False
+    """Connect with TLS."""
+    ca_file: str | None = None
+    """TLS: CA certificate bundle (PEM); unset = the system's."""
+    cert_file: str | None = None
+    """TLS: client certificate (PEM), for brokers that require one."""
+    key_file: str | None = None
+    """TLS: client private key (PEM)."""
+    keepalive_s: int = 30
+    """Keep-alive interval (s); the broker declares the daemon offline after 1.5x this without traffic."""
+    qos: int = 1
+    """QoS for events (0, 1 or 2)."""
+    protocol: str = "3.1.1"
+    """MQTT protocol version: `3.1.1` or `5`."""
+    reconnect_max_s: float = 30.0
+    """Longest wait between reconnection attempts (s)."""
+    queue_limit: int = 10000
+    """Messages held in memory while the broker is unreachable; the oldest are dropped (and counted) beyond."""
+
+
+@dataclass(frozen=True)
+class ZmqConfig:
+    """ZeroMQ PUB socket (multipart [topic, json])."""
+
+    enabled: bool = True
+    """Publish on a ZeroMQ PUB socket."""
+    endpoint: str = "tcp://127.0.0.1:5556"
+    """Endpoint to bind; loopback by default so only local programs can subscribe."""
+
+
+@dataclass(frozen=True)
+class StdoutConfig:
+    """JSON lines on standard output (for pipes, demos and debugging)."""
+
+    enabled: bool = False
+    """Print every event as one JSON line."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration."""
+
+    node: str = field(default_factory=lambda: socket.gethostname().split(".")[0] or "earshot")
+    """Name of this machine in events and topics; default the host name."""
+    log_level: str = "info"
+    """debug, info, warning or error."""
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    """Audio sources (TOML: one `[[source]]` table each); default one microphone."""
+    frontend: FrontendConfig = field(default_factory=FrontendConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    detect: DetectConfig = field(default_factory=DetectConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    zmq: ZmqConfig = field(default_factory=ZmqConfig)
+    stdout: StdoutConfig = field(default_factory=StdoutConfig)
+
+    def with_sources(self, sources: tuple[SourceConfig, ...]) -> Config:
+        """A copy with other sources (the demo fallback uses this)."""
+        return replace(self, sources=sources)
+
+    @property
+    def active_sources(self) -> tuple[SourceConfig, ...]:
+        """The sources to run."""
+        return tuple(s for s in self.sources if s.enabled)
+
+
+# TOML table name -> Config field (`[[source]]` reads better than `[[sources]]`).
+_TABLE_ALIASES = {"source": "sources"}
+
+
+def load(path: str | os.PathLike | None) -> Config:
+    """Load and validate a TOML file (None = all defaults). Raises ConfigError listing every problem."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError([f"{p}: file not found"]) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{p}: not valid TOML: {e}"]) from None
+    return from_dict(raw)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a Config from parsed TOML. Raises ConfigError listing every problem."""
+    problems: list[str] = []
+    raw = {_TABLE_ALIASES.get(k, k): v for k, v in raw.items()}
+    config = _build(Config, raw, "", problems)
+    if config is not None:
+        problems += _check(config)
+    if problems:
+        raise ConfigError(problems)
+    assert config is not None
+    return config
+
+
+def _build(cls: type, table: Any, where: str, problems: list[str]) -> Any:
+    """Construct dataclass `cls` from a TOML table, appending type problems instead of raising."""
+    if not isinstance(table, dict):
+        problems.append(f"{where or 'top level'}: expected a table, got {_tname(table)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in table:
+        if key not in known:
+            valid = ", ".join(sorted(_shown(k) for k in known))
+            problems.append(f"{_join(where, _shown(key))}: unknown key (valid keys: {valid})")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in table:
+            continue
+        value = _convert(hints[name], table[name], _join(where, _shown(name)), problems)
+        if value is not _INVALID:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        problems.append(f"{where or 'top level'}: {e}")
+        return None
+
+
+_INVALID = object()
+
+
+def _convert(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `hint`; return it converted, or _INVALID after noting a problem."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if is_dataclass(hint):
+        built = _build(hint, value, where, problems)
+        return _INVALID if built is None else built
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            sub: list[str] = []
+            converted = _convert(option, value, where, sub)
+            if not sub:
+                return converted
+        wanted = " or ".join(_hname(a) for a in args if a is not type(None))
+        problems.append(f"{where}: expected {wanted}, got {_tname(value)} {value!r}")
+        return _INVALID
+    if origin is tuple:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {_tname(value)}")
+            return _INVALID
+        items = [_convert(args[0], v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return _INVALID if any(v is _INVALID for v in items) else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a table, got {_tname(value)}")
+            return _INVALID
+        out = {k: _convert(args[1], v, _join(where, k), problems) for k, v in value.items()}
+        return _INVALID if any(v is _INVALID for v in out.values()) else out
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        problems.append(f"{where}: expected {_hname(hint)}, got {_tname(value)} {value!r}")
+        return _INVALID
+    return value
+
+
+def _check(c: Config) -> list[str]:
+    """Value checks that need more than a type."""
+    p: list[str] = []
+    if not _NAME_RE.match(c.node):
+        p.append(f"node: {c.node!r} may only contain letters, digits, '_', '-' and '.'")
+    if c.log_level not in ("debug", "info", "warning", "error"):
+        p.append(f"log_level: {c.log_level!r} is not one of debug, info, warning, error")
+    names = [s.name for s in c.sources]
+    for dup in sorted({n for n in names if names.count(n) > 1}):
+        p.append(f"source: the name {dup!r} is used more than once")
+    if not c.active_sources:
+        p.append("source: no enabled source; add a [[source]] table")
+    for i, s in enumerate(c.sources):
+        w = f"source[{i}]"
+        if not _NAME_RE.match(s.name):
+            p.append(f"{w}.name: {s.name!r} may only contain letters, digits, '_', '-' and '.'")
+        if s.kind not in SOURCE_KINDS:
+            p.append(f"{w}.kind: {s.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
+        if s.kind == "file" and not s.path:
+            p.append(f"{w}.path: a file source needs a path")
+        if s.kind == "ffmpeg" and not s.url:
+            p.append(f"{w}.url: an ffmpeg source needs a url")
+        if s.channel is not None and s.channel < 0:
+            p.append(f"{w}.channel: must be 0 or more")
+        if s.samplerate is not None and not 8000 <= s.samplerate <= 384000:
+            p.append(f"{w}.samplerate: {s.samplerate} Hz is outside 8000..384000")
+        if not 1.0 <= s.block_ms <= 500.0:
+            p.append(f"{w}.block_ms: {s.block_ms} ms is outside 1..500")
+    f = c.frontend
+    if f.chunk_size <= 0:
+        p.append("frontend.chunk_size: must be positive")
+    if f.chunk_hop <= 0 or f.chunk_hop > f.chunk_size:
+        p.append("frontend.chunk_hop: must be positive and no longer than chunk_size")
+    elif abs(round(f.chunk_hop / 0.01) * 0.01 - f.chunk_hop) > 1e-9:
+        p.append(f"frontend.chunk_hop: {f.chunk_hop} s is not a multiple of the 10 ms frame")
+    if c.model.threads < 1:
+        p.append("model.threads: must be 1 or more")
+    d = c.detect
+    for label, t in d.thresholds.items():
+        if not 0.0 < t < 1.0:
+            p.append(f"detect.thresholds.{label}: {t} is outside (0, 1)")
+    if not 0.0 < d.hysteresis <= 1.0:
+        p.append("detect.hysteresis: must be in (0, 1]")
+    if d.confirm_hops < 1:
+        p.append("detect.confirm_hops: must be 1 or more")
+    for name in ("hold_s", "refractory_s"):
+        if getattr(d, name) < 0:
+            p.append(f"detect.{name}: must be 0 or more")
+    m = c.mqtt
+    if not 1 <= m.port <= 65535:
+        p.append(f"mqtt.port: {m.port} is not a TCP port")
+    if m.qos not in (0, 1, 2):
+        p.append(f"mqtt.qos: {m.qos} is not 0, 1 or 2")
+    if m.protocol not in ("3.1.1", "5"):
+        p.append(f"mqtt.protocol: {m.protocol!r} is not '3.1.1' or '5'")
+    if not m.topic_prefix or any(ch in m.topic_prefix for ch in "+#") or m.topic_prefix.endswith("/"):
+        p.append(f"mqtt.topic_prefix: {m.topic_prefix!r} must be non-empty, without + or #, not ending in /")
+    for name in ("password_file", "ca_file", "cert_file", "key_file"):
+        value = getattr(m, name)
+        if value and not Path(value).is_file():
+            p.append(f"mqtt.{name}: {value} does not exist")
+    if bool(m.cert_file) != bool(m.key_file):
+        p.append("mqtt.cert_file and mqtt.key_file: give both or neither")
+    if m.keepalive_s < 5:
+        p.append("mqtt.keepalive_s: must be 5 or more")
+    if m.queue_limit < 0:
+        p.append("mqtt.queue_limit: must be 0 or more")
+    if not re.match(r"^(tcp|ipc|inproc)://.+", c.zmq.endpoint):
+        p.append(f"zmq.endpoint: {c.zmq.endpoint!r} must look like tcp://127.0.0.1:5556 or ipc:///path")
+    return p
+
+
+def _shown(name: str) -> str:
+    """A field's name as written in TOML."""
+    return next((alias for alias, target in _TABLE_ALIASES.items() if target == name), name)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _tname(value: Any) -> str:
+    return {dict: "a table", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _hname(hint: Any) -> str:
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(hint, str(hint))
+

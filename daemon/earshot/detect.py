@@ -1,0 +1,167 @@
+"""Per-class event logic: per-hop scores in, `start`/`end` events out. Pure, no I/O, no clocks.
+
+Each label runs its own small state machine:
+
+    idle --score >= threshold--> pending --confirm_hops in a row--> active (emit start)
+    active --not above threshold*hysteresis for hold_s--> refractory (emit end) --refractory_s--> idle
+
+Hysteresis keeps a long alarm from flickering on and off; confirmation and the refractory period
+keep one slammed door from becoming a burst of alerts.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import DetectConfig
+from .events import END, START, Event, iso_utc, new_event_id
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """Decision parameters of one label."""
+
+    threshold: float
+    """Score that starts an event (0..1)."""
+    exit_threshold: float
+    """Score an active event must stay above (0..1)."""
+    confirm_hops: int
+    """Consecutive hops at or above `threshold` needed to start."""
+    hold_s: float
+    """An event ends after this long (s) without a hop above `exit_threshold`."""
+    refractory_s: float
+    """Quiet time (s) after an end before the label may start again."""
+
+
+def make_rules(labels: Sequence[str], model_thresholds: dict[str, float], cfg: DetectConfig) -> dict[str, LabelRule]:
+    """Rules for the labels to report: config thresholds override the model's calibrated ones."""
+    wanted = cfg.labels or tuple(labels)
+    rules = {}
+    for label in labels:
+        if label not in wanted:
+            continue
+        t = cfg.thresholds.get(label, model_thresholds.get(label, 0.5))
+        rules[label] = LabelRule(t, t * cfg.hysteresis, cfg.confirm_hops, cfg.hold_s, cfg.refractory_s)
+    return rules
+
+
+_EPS_S = 1e-6
+"""Tolerance for comparing hop times (s): hop times are sums of floats."""
+
+
+class _State(enum.Enum):
+    IDLE = "idle"
+    PENDING = "pending"
+    ACTIVE = "active"
+    REFRACTORY = "refractory"
+
+
+class _Track:
+    """The state of one label on one stream."""
+
+    def __init__(self, rule: LabelRule):
+        self.rule = rule
+        self.state = _State.IDLE
+        self.count = 0
+        self.first_t = 0.0  # window end time of the first hop above threshold
+        self.last_t = 0.0  # window end time of the last hop above the exit threshold
+        self.peak = 0.0
+        self.until = 0.0  # end of the refractory period
+        self.event_id = ""
+        self.onset = 0.0
+
+
+class Detector:
+    """Turns a stream of per-hop class scores into start/end events for one source.
+
+    Times are stream seconds (the end of each scored window). `to_wall` maps stream seconds
+    to Unix time for the events' wall-clock fields.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[str],
+        rules: dict[str, LabelRule],
+        *,
+        source: str,
+        node: str,
+        chunk_s: float,
+        hop_s: float,
+        to_wall: Callable[[float], float],
+    ):
+        self.labels = list(labels)
+        self.tracks = {label: _Track(rule) for label, rule in rules.items()}
+        self.source, self.node = source, node
+        self.chunk_s, self.hop_s = chunk_s, hop_s
+        self.to_wall = to_wall
+
+    def update(self, t_end: float, scores: np.ndarray) -> list[Event]:
+        """Advance by one hop: `scores[i]` is label i's score for the window ending at `t_end`."""
+        events = []
+        for i, label in enumerate(self.labels):
+            track = self.tracks.get(label)
+            if track is not None:
+                event = self._step(label, track, t_end, float(scores[i]))
+                if event is not None:
+                    events.append(event)
+        return events
+
+    def flush(self, t_end: float) -> list[Event]:
+        """End every active event (the stream stopped at `t_end`)."""
+        events = []
+        for label, track in self.tracks.items():
+            if track.state is _State.ACTIVE:
+                events.append(self._end(label, track))
+            track.state, track.count = _State.IDLE, 0
+        return events
+
+    @property
+    def active_labels(self) -> list[str]:
+        """Labels with an event in progress."""
+        return [label for label, t in self.tracks.items() if t.state is _State.ACTIVE]
+
+    def _step(self, label: str, tr: _Track, t: float, score: float) -> Event | None:
+        rule = tr.rule
+        if tr.state is _State.REFRACTORY:
+            if t < tr.until - _EPS_S:
+                return None
+            tr.state = _State.IDLE
+        if tr.state is _State.ACTIVE:
+            if score >= rule.exit_threshold:
+                tr.last_t, tr.peak = t, max(tr.peak, score)
+            elif t - tr.last_t >= rule.hold_s - _EPS_S:
+                return self._end(label, tr)
+            return None
+        if score < rule.threshold:
+            tr.state, tr.count = _State.IDLE, 0
+            return None
+        if tr.state is _State.IDLE:
+            tr.state, tr.count, tr.first_t, tr.peak = _State.PENDING, 0, t, 0.0
+        tr.count += 1
+        tr.peak = max(tr.peak, score)
+        if tr.count < rule.confirm_hops:
+            return None
+        tr.state, tr.last_t = _State.ACTIVE, t
+        tr.event_id = new_event_id()
+        # The first window above threshold is the first that holds enough of the sound: the sound
+        # began about one hop before that window's end.
+        tr.onset = max(0.0, tr.first_t - self.hop_s)
+        return Event(
+            type=START, id=tr.event_id, label=label, source=self.source, node=self.node,
+            onset=tr.onset, offset=None, onset_time=iso_utc(self.to_wall(tr.onset)), offset_time=None,
+            score=tr.peak,
+        )
+
+    def _end(self, label: str, tr: _Track) -> Event:
+        # The last window above the exit threshold still held the sound at its start; the next one did not.
+        offset = max(tr.onset + self.hop_s, tr.last_t - self.chunk_s + self.hop_s)
+        tr.state, tr.count, tr.until = _State.REFRACTORY, 0, tr.last_t + tr.rule.hold_s + tr.rule.refractory_s
+        return Event(
+            type=END, id=tr.event_id, label=label, source=self.source, node=self.node,
+            onset=tr.onset, offset=offset, onset_time=iso_utc(self.to_wall(tr.onset)),
+            offset_time=iso_utc(self.to_wall(offset)), score=tr.peak,
+        )

@@ -1,0 +1,91 @@
+"""ZeroMQ publisher: a PUB socket sending multipart `[topic, event JSON]`.
+
+The topic is `event.<source>.<label>` so a SUB socket can filter by prefix
+(`event.` for everything, `event.kitchen.` for one source). PUB never blocks: a slow
+or absent subscriber just misses messages, which is ZeroMQ's documented semantics.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from typing import Any
+
+import zmq
+
+from earshot.events import Event
+from earshot.publish import PublishError, payload_of, topic_part
+
+log = logging.getLogger(__name__)
+
+TOPIC_PREFIX = "event."
+"""Prefix of every topic frame; subscribe to it to get all events."""
+
+
+def zmq_topic(event: Event) -> bytes:
+    """`event.<source>.<label>` as bytes (`.` in names is replaced so segments stay unambiguous)."""
+    return f"{TOPIC_PREFIX}{topic_part(event.source, '.')}.{topic_part(event.label, '.')}".encode("utf-8")
+
+
+class ZmqPublisher:
+    """A PUB socket bound to `config.endpoint`, shared by the worker threads under a lock.
+
+    ZeroMQ sockets are not thread-safe; sends are short and non-blocking, so a lock is
+    simpler than a dedicated sender thread.
+    """
+
+    name = "zmq"
+
+    def __init__(self, config: Any) -> None:
+        """Bind the socket; raises `PublishError` with one clear line if that fails."""
+        self._lock = threading.Lock()
+        self.published = 0
+        self.dropped = 0
+        self._closed = False
+        self._context = zmq.Context()
+        self._socket = self._context.socket(zmq.PUB)
+        try:
+            self._socket.bind(config.endpoint)
+        except zmq.ZMQError as e:
+            self._socket.close(linger=0)
+            self._context.term()
+            if e.errno == errno.EADDRINUSE:
+                raise PublishError(
+                    f"cannot bind ZeroMQ to {config.endpoint}: Address already in use; "
+                    "set [zmq] endpoint to another port"
+                ) from None
+            raise PublishError(f"cannot bind ZeroMQ to {config.endpoint}: {e.strerror}; check [zmq] endpoint") from None
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        """The bound endpoint, with the actual port when the config asked for `*`."""
+        log.info("publishing events on ZeroMQ %s", self.endpoint)
+
+    def publish(self, event: Event, payload: bytes | None = None) -> None:
+        """Send `[topic, json]`; never blocks or raises (a full queue or closed socket is counted)."""
+        frames = [zmq_topic(event), payload_of(event, payload)]
+        with self._lock:
+            if self._closed:
+                self.dropped += 1
+                return
+            try:
+                self._socket.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # zmq.Again at the high-water mark, or a context being torn down
+                if self.dropped == 0:
+                    log.warning("ZeroMQ send failed (%s); further failures are only counted", e)
+                self.dropped += 1
+                return
+            self.published += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: `published`, `dropped`."""
+        with self._lock:
+            return {"published": self.published, "dropped": self.dropped}
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Close the socket, letting queued messages go out for at most `timeout_s`, then end the context."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._socket.close(linger=max(0, int(timeout_s * 1000)))
+        self._context.term()
