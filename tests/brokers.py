@@ -6,6 +6,7 @@ Import the fixtures into a test module with `from brokers import mosquitto, Subs
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import tempfile
@@ -59,6 +60,8 @@ class Mosquitto:
             + (f"persistence true\npersistence_location {self.workdir}/\n" if persistence else "persistence false\n")
             + f"log_dest file {self.log}\n"
             + "log_type error\nlog_type warning\nlog_type notice\n"
+            # As root, mosquitto would switch to user "mosquitto", who cannot read pytest's 0700 tmp dirs.
+            + ("user root\n" if os.geteuid() == 0 else "")
             + extra_conf
         )
         self.proc: subprocess.Popen | None = None

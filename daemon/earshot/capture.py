@@ -149,11 +149,13 @@ class Capture:
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep unless asked to stop; return True when stopping."""
-        if seconds > 0:
-            self._halt.wait(min(seconds, 0.25) if self._stop is not self._halt else seconds)
-            deadline = time.monotonic() + seconds
-            while not self._stopping() and time.monotonic() < deadline:
-                self._halt.wait(min(0.25, max(0.0, deadline - time.monotonic())))
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            # Short slices so that the shared daemon stop event is noticed promptly too.
+            self._halt.wait(min(0.1, left))
         return self._stopping()
 
     def _setup_rate(self, rate: int) -> None:

@@ -574,10 +574,19 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         ]
         raise CheckpointError(f"{path} does not match the runtime frontend: " + "; ".join(diffs))
     model = SoundEventCnn(dims)
+    expected = set(model.state_dict())
+    missing_keys = sorted(expected - set(state_dict))
+    unexpected_keys = sorted(set(state_dict) - expected)
+    if missing_keys or unexpected_keys:
+        raise CheckpointError(
+            f"bad checkpoint {path}: state_dict does not match dims: "
+            f"missing keys {missing_keys}, unexpected keys {unexpected_keys}"
+        )
     try:
         model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"bad checkpoint {path}: state_dict does not match dims: {exc}") from exc
+    except RuntimeError as exc:  # shape mismatches; flatten torch's multi-line message
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"bad checkpoint {path}: state_dict does not match dims: {detail}") from exc
     model.eval()
     _LOGGER.debug("loaded %s: labels=%s dims=%s", path, labels, dims)
     return LoadedModel(

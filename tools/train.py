@@ -1,0 +1,321 @@
+"""Train the earshot detector on mixtures of real recordings.
+
+    python tools/train.py --data ../shared/data --out models/earshot.pt [--minutes 25] [--seed 0]
+
+Windows come from `augment.Mixer` (events mixed into negative backgrounds, run through the daemon's
+own frontend), made in DataLoader worker processes while the main process trains. The loss is a
+masked multi-label binary cross-entropy (windows where a class is ambiguous are ignored for that
+class); AdamW with a one-cycle schedule (warm-up, then cosine decay). With `--minutes` the schedule
+runs on wall-clock progress, so the run ends on time on any machine; the number of steps actually
+taken is recorded in the checkpoint's provenance and `--steps N` alone replays a fixed-length run.
+
+The core is `train(make_examples, dims, ...)`, which knows nothing about files: the tests call it with
+a synthetic-sound mixer to build the tiny model used by the end-to-end tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+# numpy's OpenBLAS would start a thread per core inside every data worker; on a 2-core machine
+# those threads fight the training threads. Must be set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from earshot.features import FrontendParams  # noqa: E402
+from earshot.model import CnnDims, SoundEventCnn, macs_per_frame, save_checkpoint  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import augment  # noqa: E402
+import data  # noqa: E402
+
+log = logging.getLogger("train")
+
+MakeExamples = Callable[[np.random.Generator], list[augment.Example]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings."""
+
+    steps: int = 100_000
+    """Optimizer steps (the schedule's length unless `max_minutes` ends the run first)."""
+    batch_size: int = 128
+    """Windows per step."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 1e-2
+    """AdamW decoupled weight decay."""
+    warmup: float = 0.05
+    """Fraction of the run spent warming up the learning rate."""
+    max_minutes: float | None = None
+    """Wall-clock budget (min): the schedule follows max(step/steps, elapsed/budget) and stops at 1."""
+    seed: int = 0
+    """Seeds the model's initialisation and every worker's example stream."""
+    num_workers: int = 1
+    """DataLoader worker processes making examples (0 = in the training process)."""
+    threads: int = 2
+    """torch threads of the training process."""
+    shuffle_buffer: int = 512
+    """Windows held by each worker to decorrelate windows cut from the same mixture."""
+    pos_weight: tuple[float, ...] = field(default_factory=tuple)
+    """Per-class weight of positive targets in the loss (empty = 1 for all)."""
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of (window, target, mask) made by `make_examples`.
+
+    Worker w of a run with seed s draws from `np.random.default_rng([s, w])`, so a run is
+    reproducible for a fixed seed, worker count and step count.
+    """
+
+    def __init__(self, make_examples: MakeExamples, seed: int, shuffle_buffer: int):
+        self.make_examples = make_examples
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        if info is not None:
+            torch.set_num_threads(1)
+        rng = np.random.default_rng([self.seed, wid])
+        buf: list[augment.Example] = []
+        while True:
+            buf.extend(self.make_examples(rng))
+            while len(buf) > self.shuffle_buffer:
+                i = int(rng.integers(len(buf)))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+            if self.shuffle_buffer == 0:
+                while buf:
+                    yield buf.pop(0)
+
+
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean binary cross-entropy over the (window, class) pairs with mask 1."""
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
+    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def lr_at(progress: float, peak: float, warmup: float) -> float:
+    """One-cycle learning rate at `progress` in [0, 1]: linear warm-up, cosine decay to 1 % of peak."""
+    if progress < warmup:
+        return peak * (0.05 + 0.95 * progress / warmup)
+    q = min(1.0, (progress - warmup) / max(1e-9, 1.0 - warmup))
+    return peak * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * q)))
+
+
+@dataclass
+class TrainStats:
+    """What a training run did (goes into the checkpoint's provenance)."""
+
+    steps: int = 0
+    examples: int = 0
+    wall_s: float = 0.0
+    final_loss: float = float("nan")
+    loss_history: list[float] = field(default_factory=list)
+
+
+def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig()) -> tuple[SoundEventCnn, TrainStats]:
+    """Train a `SoundEventCnn` on windows from `make_examples`; returns it in eval mode, with stats."""
+    torch.manual_seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    model = SoundEventCnn(dims)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    stream = ExampleStream(make_examples, cfg.seed, cfg.shuffle_buffer)
+    loader = torch.utils.data.DataLoader(
+        stream,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
+    pos_weight = torch.tensor(cfg.pos_weight, dtype=torch.float32) if cfg.pos_weight else None
+    stats = TrainStats()
+    t0 = time.monotonic()
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps if cfg.max_minutes is None else 1000, unit="step" if cfg.max_minutes is None else "‰",
+                   dynamic_ncols=True, mininterval=2.0)
+    ema = None
+    model.train()
+    it = iter(loader)
+    try:
+        while stats.steps < cfg.steps:
+            elapsed = time.monotonic() - t0
+            progress = stats.steps / cfg.steps
+            if cfg.max_minutes is not None:
+                progress = max(progress, elapsed / (60.0 * cfg.max_minutes))
+            if progress >= 1.0:
+                break
+            lr = lr_at(progress, cfg.lr, cfg.warmup)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            x, y, m = next(it)
+            logits = model(x)
+            loss = masked_bce(logits, y, m, pos_weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            opt.step()
+            value = float(loss)
+            if not math.isfinite(value):
+                raise RuntimeError(f"training diverged at step {stats.steps} (loss {value})")
+            ema = value if ema is None else 0.98 * ema + 0.02 * value
+            stats.steps += 1
+            stats.examples += x.shape[0]
+            if stats.steps % 100 == 0:
+                stats.loss_history.append(round(ema, 5))
+            if bar is not None:
+                if cfg.max_minutes is None:
+                    bar.update(1)
+                else:
+                    bar.n = int(1000 * progress)
+                    bar.refresh() if stats.steps % 50 == 0 else None
+                if stats.steps % 20 == 0:
+                    bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}", step=stats.steps, refresh=False)
+    finally:
+        if bar is not None:
+            bar.close()
+        del it  # shuts the workers down
+    stats.wall_s = time.monotonic() - t0
+    stats.final_loss = float("nan") if ema is None else ema
+    model.eval()
+    return model, stats
+
+
+# ---------------------------------------------------------------------------
+# Command line
+
+
+def git_commit() -> str:
+    """HEAD of the repository this script lives in, with `-dirty` when the tree has changes."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True,
+                               text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def parse_dims(text: str | None) -> CnnDims:
+    """`CnnDims` from 'channels=16,24,32,48 embed_dim=64' style overrides (default dims if None)."""
+    if not text:
+        return CnnDims()
+    kw: dict = {}
+    for item in text.split():
+        key, _, value = item.partition("=")
+        kw[key] = [int(v) for v in value.split(",")] if "," in value else (float(value) if "." in value else int(value))
+    for key in ("channels", "freq_strides", "time_kernels", "dilations"):
+        if key in kw and isinstance(kw[key], int):
+            kw[key] = [kw[key]]
+    return CnnDims(**kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", default=str(data.default_data_dir()), help="data folder with index.csv")
+    ap.add_argument("--out", default="models/earshot.pt", help="checkpoint to write")
+    ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for the optimisation (0 = none)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as many as --minutes allows)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--workers", type=int, default=1, help="example-making worker processes")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--windows", type=int, default=MIX_WINDOWS, help="windows cut from each mixture")
+    ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    try:
+        clips = data.read_index(args.data)
+        train_clips, val_clips = data.split(clips)
+        log.info("index: %d clips, %d train / %d validation (validation groups: %d)", len(clips), len(train_clips),
+                 len(val_clips), len({c.group for c in val_clips}))
+        t = time.monotonic()
+        audio = data.load_all(args.data, train_clips)
+    except data.DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log.info("loaded %.2f h of training audio in %.1f s", sum(len(a) for a in audio) / data.SAMPLE_RATE / 3600,
+             time.monotonic() - t)
+    frontend = FrontendParams()
+    try:
+        dims = parse_dims(args.dims)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --dims: {exc}", file=sys.stderr)
+        return 2
+    labels = data.EVENT_LABELS
+    mixer = augment.real_mixer(list(zip(train_clips, audio)), labels, frontend, augment.MixConfig(windows=args.windows))
+    cfg = TrainConfig(
+        steps=args.steps if args.steps is not None else 10_000_000,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_minutes=args.minutes if args.minutes > 0 else None,
+        seed=args.seed,
+        num_workers=args.workers,
+        threads=args.threads,
+        progress=not args.no_progress,
+    )
+    if cfg.max_minutes is None and args.steps is None:
+        print("error: give --steps or a positive --minutes", file=sys.stderr)
+        return 2
+    n_params = sum(p.numel() for p in SoundEventCnn(dims).parameters())
+    log.info("model %s: %d parameters, %.1f M MAC/s of audio", dims, n_params, macs_per_frame(dims) * 100 / 1e6)
+    model, stats = train(mixer.examples, dims, cfg)
+    log.info("trained %d steps (%d windows) in %.1f min, final loss %.4f", stats.steps, stats.examples, stats.wall_s / 60,
+             stats.final_loss)
+    provenance = {
+        "git_commit": git_commit(),
+        "data_index_sha256": data.index_sha256(args.data),
+        "command": " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "seed": args.seed,
+        "steps": stats.steps,
+        "examples_seen": stats.examples,
+        "batch_size": cfg.batch_size,
+        "wall_time_s": round(stats.wall_s, 1),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "final_train_loss": round(stats.final_loss, 5),
+        "loss_history_per_100_steps": stats.loss_history,
+        "train": {"files": len(train_clips), "groups": len({c.group for c in train_clips}), **data.summarize(train_clips)},
+        "validation": {"files": len(val_clips), "groups": len({c.group for c in val_clips}), **data.summarize(val_clips)},
+        "split": f"by group, {data.VAL_FRACTION:.0%} of the groups of every (label, source), salt {data.SPLIT_SALT}",
+        "sources": sorted({c.source for c in clips}),
+        "parameters": n_params,
+        "torch": torch.__version__,
+    }
+    thresholds = {label: 0.5 for label in labels}
+    save_checkpoint(args.out, model, labels, frontend, thresholds, provenance)
+    log.info("wrote %s (%.1f kB)", args.out, Path(args.out).stat().st_size / 1024)
+    return 0
+
+
+MIX_WINDOWS = augment.MixConfig().windows
+
+if __name__ == "__main__":
+    sys.exit(main())
