@@ -3,6 +3,8 @@ tinymodel.py (a tiny model trained on generated sounds, so the suite needs no tr
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import sys
 from pathlib import Path
 
@@ -12,12 +14,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # training and evaluation programs are importable in tests
 
 
+# The tiny model depends only on these files; its checkpoint is cached under that key so a rerun
+# skips the ~30 s of training (a fresh clone trains it once).
+_TINY_INPUTS = ("tests/tinymodel.py", "tools/train.py", "tools/augment.py", "daemon/earshot/model.py",
+                "daemon/earshot/features.py", "daemon/earshot/synth.py")
+
+
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory) -> Path:
-    """A tiny model trained once per session on synthetic alarm/glass/gunshot sounds."""
+def tiny_checkpoint(tmp_path_factory, request) -> Path:
+    """A tiny model trained once on synthetic alarm/glass/gunshot sounds."""
+    import torch
     from tinymodel import train_tiny_checkpoint
 
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+    key = hashlib.sha256(torch.__version__.encode())
+    for name in _TINY_INPUTS:
+        key.update((ROOT / name).read_bytes())
+    cached = Path(request.config.cache.mkdir("earshot-tiny-model")) / f"{key.hexdigest()[:16]}.pt"
+    if not cached.exists():
+        trained = train_tiny_checkpoint(tmp_path_factory.mktemp("model") / "tiny.pt")
+        shutil.copy(trained, cached)
+    return cached
 
 
 @pytest.fixture(scope="session")

@@ -335,3 +335,15 @@ def test_bench_quick_runs_all_contenders(tmp_path: Path) -> None:
     assert {r["name"] for r in rows} == {"earshot", "recompute", "seed-recipe", "yamnet-arch"}
     for r in rows:
         assert r["cpu_s_per_audio_s"] > 0 and r["peak_rss_mb"] > 0
+
+
+def test_scorers_leave_training_mode_alone() -> None:
+    """score_windows/StreamingScorer use eval semantics without flipping a training model to eval."""
+    model = _random_model(seed=9).train()
+    feats = _feats(150, seed=9)
+    _, scores = score_windows(model, feats, CHUNK, HOP)
+    StreamingScorer(model, CHUNK, HOP)
+    assert model.training
+    model.eval()
+    _, again = score_windows(model, feats, CHUNK, HOP)
+    np.testing.assert_array_equal(scores, again)

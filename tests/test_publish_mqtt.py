@@ -280,3 +280,32 @@ def test_tls_connection(mosquitto_factory, tmp_path, closing):
     assert sub.wait_for(lambda m: len(sub.on(event_topic())) == 1)
     assert Event.from_json(sub.on(event_topic())[0]) == e
     sub.close()
+
+
+def test_unacknowledged_messages_are_not_overtaken_after_reconnect(mosquitto_factory, closing):
+    """Messages paho sent but never got acknowledged (frozen broker) are resent before the
+    ones queued later: order, and so the final retained ON/OFF state, survives the outage."""
+    broker = mosquitto_factory(persistence=True).start()
+    sub = Subscriber(broker, [event_topic()], client_id="tester")
+    pub = MqttPublisher(config(broker), node=NODE)
+    closing(pub)
+    assert wait_until(lambda: pub.connected, 10)
+
+    broker.proc.send_signal(signal.SIGSTOP)  # accepts bytes into the socket buffer, acknowledges nothing
+    try:
+        events = [make_event(i, "start" if i % 2 == 0 else "end") for i in range(30)]
+        for e in events:
+            pub.publish(e)
+        assert wait_until(lambda: pub.stats()["in_flight"] > 0 and pub.stats()["queued"] > 0, 5)
+        broker.proc.terminate()  # handled when it continues: a clean shutdown that saves sessions
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+    broker.proc.wait(5)
+    broker.proc = None
+    broker.start()
+
+    assert sub.wait_for(lambda m: len(_first_seen(sub.on(event_topic()))) >= 30, timeout_s=20)
+    assert _first_seen(sub.on(event_topic())) == events
+    assert wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["in_flight"] == 0, 5)
+    assert retained(broker, f"earshot/{NODE}/mic0/glass_break") == b"OFF"  # events[29] is an end
+    sub.close()

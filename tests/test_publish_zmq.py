@@ -38,12 +38,17 @@ def ctx():
 
 
 def subscribe(ctx: zmq.Context, pub: ZmqPublisher, prefix: bytes) -> zmq.Socket:
-    """A SUB socket connected to `pub`, proven live: PUB/SUB joins are asynchronous (slow joiner),
-    so publish probe events until one arrives, then drain."""
+    """A SUB socket subscribed to `prefix`, proven live before returning.
+
+    PUB/SUB joins and subscriptions reach the PUB side asynchronously (slow joiner), so
+    also subscribe to a probe topic, after `prefix`, and publish probes until one arrives:
+    subscriptions are applied in order, so `prefix` is active by then. Probes are drained.
+    """
     s = ctx.socket(zmq.SUB)
     s.connect(pub.endpoint)
-    s.setsockopt(zmq.SUBSCRIBE, b"")
-    probe = make_event(-1, label="probe")
+    s.setsockopt(zmq.SUBSCRIBE, prefix)
+    s.setsockopt(zmq.SUBSCRIBE, b"event.probe.")
+    probe = make_event(-1, source="probe")
     for _ in range(100):
         pub.publish(probe)
         if s.poll(50):
@@ -52,8 +57,6 @@ def subscribe(ctx: zmq.Context, pub: ZmqPublisher, prefix: bytes) -> zmq.Socket:
         raise AssertionError("SUB socket never received from PUB")
     while s.poll(50):
         s.recv_multipart()
-    s.setsockopt(zmq.UNSUBSCRIBE, b"")
-    s.setsockopt(zmq.SUBSCRIBE, prefix)
     return s
 
 

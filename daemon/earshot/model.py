@@ -334,7 +334,8 @@ class StreamingScorer:
         self.chunk_frames = chunk_frames
         self.hop_frames = hop_frames
         self.n_positions = _check_window(model, chunk_frames, hop_frames)
-        model.eval()
+        # A snapshot with eval semantics (running BN stats, no dropout); the model's own
+        # train/eval mode is left untouched, and later weight updates are not seen.
         self._net = _FoldedNet(model)
         self.reset()
 
@@ -413,8 +414,7 @@ def score_windows(
     total = feats.shape[0]
     if total < chunk_frames:
         return np.zeros(0, dtype=np.int64), np.zeros((0, dims.n_classes), dtype=np.float32)
-    model.eval()
-    net = _FoldedNet(model)
+    net = _FoldedNet(model)  # eval semantics; does not change the model's train/eval mode
     r = dims.receptive_frames
     step = max(1, segment_frames)
     parts = []

@@ -101,7 +101,9 @@ class StreamingResampler:
 
     def process(self, x: np.ndarray) -> np.ndarray:
         """Feed a block of input samples; return the float32 output samples now computable."""
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 1:
+            x = x.reshape(-1)
         if self.identity:
             return x
         if x.shape[0] == 0:
