@@ -49,10 +49,10 @@ def _config(tmp_path: Path, model: Path, body: str, zmq_port: int | None = None,
     return path
 
 
-def _earshot(*args: str, **kw) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def _earshot(*args: str, env: dict | None = None) -> subprocess.Popen:
+    env = env or {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "earshot", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, **kw)
+                            text=True, env=env)
 
 
 def _labels_found(events: list[dict], truth) -> None:
@@ -166,7 +166,7 @@ def test_sigterm_stops_cleanly(tmp_path, tiny_checkpoint, mosquitto):
 
 
 @pytest.mark.parametrize("body, code, needle", [
-    ('[[source]]\nname = "m"\nkind = "mic"\ndevice = "no-such-device-xyz"\n', 1, "earshot devices"),
+    ('[[source]]\nname = "m"\nkind = "mic"\ndevice = "no-such-device-xyz"\n', 1, "device"),
     ('[[source]]\nname = "f"\nkind = "file"\npath = "/nonexistent.wav"\n', 1, "/nonexistent.wav"),
     ('[detect]\nhold_s = -1\n[bogus]\n', 2, "detect.hold_s"),
     ('[frontend]\nchunk_size = 2.0\n', 2, "chunk_size"),
@@ -214,3 +214,36 @@ def test_nan_and_silence_do_not_fire(tmp_path, tiny_checkpoint):
     assert proc.returncode == 0, err
     assert out.strip() == "" and "Traceback" not in err
     assert "NaN/inf" in err or "non-finite" in err
+
+
+def test_pulseaudio_microphone_to_mqtt(tmp_path, tiny_checkpoint, mosquitto):
+    """Real capture: sounds played into a PulseAudio null sink are captured by the daemon through
+    PortAudio (the sink's monitor as a microphone at 48 kHz) and come out as MQTT events."""
+    from pulse import PulseUnavailable, pulse_server
+
+    audio, truth = synth.scene(duration_s=10.0, seed=5)
+    wav = _wav(tmp_path / "played.wav", audio)
+    cfg = _config(tmp_path, tiny_checkpoint, '[[source]]\nname = "room"\nkind = "mic"\ndevice = "pulse"\n'
+                  'samplerate = 48000\n', mqtt_port=mosquitto.port)
+    try:
+        server_cm = pulse_server(tmp_path / "pulse")
+        server = server_cm.__enter__()
+    except PulseUnavailable as e:
+        pytest.skip(f"PulseAudio cannot start here: {e}")
+    sub = Subscriber(mosquitto, ["earshot/testnode/#"])
+    proc = _earshot("run", "-c", str(cfg), env={**server.env, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert wait_until(lambda: b"online" in sub.on("earshot/testnode/status"), timeout_s=60), \
+            proc.stderr.read() if proc.poll() is not None else "daemon did not come online"
+        time.sleep(1.5)  # the first window needs 1 s of audio
+        server.play(wav)
+        events = lambda: [json.loads(p) for p in sub.on("earshot/testnode/room/event")]  # noqa: E731
+        played = {label for _, _, label in truth}
+        assert wait_until(lambda: {e["label"] for e in events() if e["type"] == "start"} == played, timeout_s=15), \
+            f"played {sorted(played)}, got {[(e['type'], e['label']) for e in events()]}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        sub.close()
+        server_cm.__exit__(None, None, None)
+    assert proc.returncode == 0, err

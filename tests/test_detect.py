@@ -87,3 +87,13 @@ def test_wall_clock_fields():
     """Events carry ISO UTC wall times derived from stream time."""
     events = _run(_detector(DetectConfig(confirm_hops=1, hold_s=0.1)), _glass([0.9, 0, 0]))
     assert events[0][1].onset_time.endswith("Z") and events[1][1].offset_time is not None
+
+
+def test_set_threshold_at_run_time():
+    """A threshold changed at run time applies from the next hop, exit threshold included."""
+    det = _detector(DetectConfig(confirm_hops=1))
+    det.set_threshold("glass_break", 0.95, 0.7)
+    assert det.thresholds["glass_break"] == 0.95
+    assert _run(det, _glass([0.9, 0.9])) == []
+    with pytest.raises(KeyError):
+        det.set_threshold("dog", 0.5, 0.7)

@@ -178,7 +178,7 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
-            value = float(loss)
+            value = float(loss.detach())
             if not math.isfinite(value):
                 raise RuntimeError(f"training diverged at step {stats.steps} (loss {value})")
             ema = value if ema is None else 0.98 * ema + 0.02 * value
@@ -245,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--workers", type=int, default=1, help="example-making worker processes")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads for training")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads for training (default: 2 minus --workers, at least 1: on a 2-core machine "
+                         "oversubscribed OpenMP threads make each step several times slower)")
     ap.add_argument("--windows", type=int, default=MIX_WINDOWS, help="windows cut from each mixture")
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -279,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         max_minutes=args.minutes if args.minutes > 0 else None,
         seed=args.seed,
         num_workers=args.workers,
-        threads=args.threads,
+        threads=args.threads if args.threads is not None else max(1, 2 - args.workers),
         progress=not args.no_progress,
     )
     if cfg.max_minutes is None and args.steps is None:
         print("error: give --steps or a positive --minutes", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in SoundEventCnn(dims).parameters())
+    log.info("torch threads %d, example workers %d", cfg.threads, cfg.num_workers)
     log.info("model %s: %d parameters, %.1f M MAC/s of audio", dims, n_params, macs_per_frame(dims) * 100 / 1e6)
     model, stats = train(mixer.examples, dims, cfg)
     log.info("trained %d steps (%d windows) in %.1f min, final loss %.4f", stats.steps, stats.examples, stats.wall_s / 60,

@@ -47,7 +47,9 @@ def _load_model(config: Config):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .analyzer import hop_frames
     from .capture import has_input_device
+    from .detect import make_rules
     from .publish import Fanout, make_publishers
     from .service import Service
 
@@ -63,8 +65,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.stdout:
         config = replace(config, stdout=StdoutConfig(enabled=True))
     loaded = _load_model(config)
-    _LOGGER.info("earshot %s, model %s (%s)", __version__, loaded.provenance.get("name", "earshot"),
-                 ", ".join(f"{k}>{v:.2f}" for k, v in loaded.thresholds.items()))
+    hop_frames(config.frontend, loaded)  # the window must match the model's before any device opens
+    rules = make_rules(loaded.labels, loaded.thresholds, config.detect)
+    _LOGGER.info("earshot %s, model %s; thresholds %s", __version__, loaded.provenance.get("name", "earshot"),
+                 ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
     service = Service(config, loaded, publisher)
     service.install_signal_handlers()

@@ -22,7 +22,7 @@ from .config import ConfigError, DetectConfig, FrontendConfig
 from .detect import Detector, make_rules
 from .events import Event
 from .features import StreamingFeatures
-from .model import LoadedModel, StreamingScorer, score_windows
+from .backend import ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
 
 SILENCE_DBFS = -120.0
 """Level reported for digital silence (dBFS)."""
@@ -38,6 +38,8 @@ class Hop:
     """Class scores (0..1) in the model's label order; zero when gated by level."""
     level_dbfs: float
     """RMS level of the window's last hop of audio (dBFS)."""
+    mel: np.ndarray
+    """Mean of the window's last hop of feature frames (n_mels,): a spectrogram column for live views."""
 
 
 def hop_frames(frontend: FrontendConfig, loaded: LoadedModel) -> int:
@@ -92,7 +94,7 @@ class _Analyzer:
     def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, *, source: str,
                  node: str, to_wall: Callable[[float], float], on_hop: Callable[[Hop], None] | None = None):
         p = self.params = loaded.frontend
-        self.model = loaded.model
+        self.loaded = loaded  # scores through its backend (torch or ONNX Runtime)
         self.hop_frames = hop_frames(frontend, loaded)
         self.hop_samples = self.hop_frames * p.hop_length
         self.labels = list(loaded.labels)
@@ -114,7 +116,7 @@ class _Analyzer:
         """End the stream: closes events still in progress."""
         return self.detector.flush(self.seconds_in)
 
-    def _hop(self, end_frame: int, scores: np.ndarray) -> list[Event]:
+    def _hop(self, end_frame: int, scores: np.ndarray, mel: np.ndarray) -> list[Event]:
         p = self.params
         end_sample = (end_frame - 1) * p.hop_length + p.win_length
         level = level_dbfs(self.audio.slice(end_sample - self.hop_samples, end_sample))
@@ -122,7 +124,7 @@ class _Analyzer:
             scores = np.zeros_like(scores)
         t_end = end_sample / p.sample_rate
         if self.on_hop is not None:
-            self.on_hop(Hop(t_end, scores, level))
+            self.on_hop(Hop(t_end, scores, level, mel))
         return self.detector.update(t_end, scores)
 
     def _first_sample_needed(self, next_end_frame: int) -> int:
@@ -136,20 +138,33 @@ class StreamAnalyzer(_Analyzer):
 
     def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, **kw):
         super().__init__(loaded, frontend, detect, **kw)
-        self.scorer = StreamingScorer(self.model, self.params.chunk_frames, self.hop_frames)
+        self.scorer = self.loaded.streaming_scorer(self.params.chunk_frames, self.hop_frames)
         self.frames_out = 0
+        self._recent = np.zeros((0, self.params.n_mels), dtype=np.float32)  # the frames of the last hop or more
 
     def push(self, samples: np.ndarray) -> list[Event]:
         """Feed audio (float32 mono at the model rate); returns the events it completed."""
+        return self.scored(self.scorer.push(self.frames(samples)))
+
+    def frames(self, samples: np.ndarray) -> np.ndarray:
+        """First half of `push`: audio in, new log-mel frames out (for a scorer shared by several streams)."""
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         if samples.size == 0:
-            return []
+            return np.zeros((0, self.params.n_mels), dtype=np.float32)
         self.audio.append(samples)
         frames = self.features.push(samples)
         self.frames_out += len(frames)
+        if self.on_hop is not None:
+            self._recent = np.concatenate([self._recent, frames])[-(self.hop_frames + len(frames)):]
+        return frames
+
+    def scored(self, results: list[tuple[int, np.ndarray]]) -> list[Event]:
+        """Second half of `push`: the scorer's (end_frame, scores) for this stream in, events out."""
         events: list[Event] = []
-        for end_frame, scores in self.scorer.push(frames):
-            events += self._hop(end_frame, scores)
+        for end_frame, scores in results:
+            back = self.frames_out - end_frame  # frames received after this window ended
+            hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
+            events += self._hop(end_frame, scores, hop_mel.mean(axis=0) if len(hop_mel) else hop_mel)
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
         self.audio.keep_from(self._first_sample_needed(next_end))
         return events
@@ -180,9 +195,9 @@ class BatchAnalyzer(_Analyzer):
             # next_end - chunk_frames keeps score_windows' windows on that grid.
             base = self.next_end - p.chunk_frames
             local = self.frames[base - self.frames_start:]
-            ends, scores = score_windows(self.model, local, p.chunk_frames, self.hop_frames)
+            ends, scores = self.loaded.score_windows(local, p.chunk_frames, self.hop_frames)
             for end, row in zip(ends, scores):
-                events += self._hop(base + int(end), row)
+                events += self._hop(base + int(end), row, local[int(end) - self.hop_frames:int(end)].mean(axis=0))
             self.next_end = base + int(ends[-1]) + self.hop_frames if len(ends) else self.next_end
         keep = self.next_end - p.chunk_frames
         self.frames = self.frames[keep - self.frames_start:]

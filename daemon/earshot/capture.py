@@ -228,10 +228,10 @@ class Capture:
             return
         if flags > self._reported_flags:
             _LOGGER.warning(
-                "source %s: the audio driver flagged %d blocks (input overflow?) in the last %.0f s",
+                "source %s: the audio driver flagged %d more blocks (input overflow?), %d in total",
                 self.name,
                 flags - self._reported_flags,
-                min(now - self._last_report, 1e9) if self._last_report else REPORT_EVERY_S,
+                flags,
             )
         if lost > self._reported_lost:
             _LOGGER.warning(

@@ -134,7 +134,13 @@ class MqttConfig:
     reconnect_max_s: float = 30.0
     """Longest wait between reconnection attempts (s)."""
     queue_limit: int = 10000
-    """Messages held in memory while the broker is unreachable; the oldest are dropped (and counted) beyond."""
+    """Messages waiting while the broker is unreachable (on disk under `state_dir`, else in memory); the oldest are dropped (and counted) beyond."""
+    spool_max_mb: float = 20.0
+    """Payload megabytes the waiting messages may take; the oldest are dropped (and counted) beyond."""
+    session_expiry_s: int = 86400
+    """MQTT 5: how long the broker keeps our session (subscriptions, unacknowledged messages) while we are away (s)."""
+    control: bool = True
+    """Accept run-time changes on `<prefix>/<node>/<source>/enabled/set` and `.../<label>/threshold/set`."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +151,10 @@ class ZmqConfig:
     """Publish on a ZeroMQ PUB socket."""
     endpoint: str = "tcp://127.0.0.1:5556"
     """Endpoint to bind; loopback by default so only local programs can subscribe."""
+    scores: bool = False
+    """Also send every hop's class scores, thresholds, level and spectrogram column (topic `scores.<source>`)."""
+    curve_secret_file: str | None = None
+    """CURVE encryption: file holding the server's secret key (Z85, 40 characters); unset = plain text."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,56 @@ class StdoutConfig:
 
     enabled: bool = False
     """Print every event as one JSON line."""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics endpoint (levels, counters, inference time, publisher state)."""
+
+    enabled: bool = True
+    """Serve metrics over HTTP at `http://<listen>/metrics`."""
+    listen: str = "127.0.0.1:9721"
+    """Address and TCP port to listen on (`host:port`, `[v6addr]:port`); loopback by default."""
+
+
+@dataclass(frozen=True)
+class HomeAssistantConfig:
+    """Home Assistant MQTT discovery: entities appear in Home Assistant with no YAML."""
+
+    enabled: bool = True
+    """Publish discovery configs (needs [mqtt] enabled)."""
+    discovery_prefix: str = "homeassistant"
+    """Home Assistant's discovery prefix; `<prefix>/status` = `online` triggers a re-send."""
+    level_interval_s: float = 5.0
+    """Interval of the per-source sound level message (s): one message with the max and mean level."""
+
+
+@dataclass(frozen=True)
+class ClipsConfig:
+    """Evidence clips: a FLAC file of the audio around each event."""
+
+    enabled: bool = True
+    """Save clips (needs `dir` or `state_dir`)."""
+    dir: str | None = None
+    """Directory of the clips; unset = `<state_dir>/clips`."""
+    pre_s: float = 2.0
+    """Audio kept before the event's onset (s)."""
+    post_s: float = 3.0
+    """Audio kept after the event's onset (s)."""
+    max_total_mb: float = 500.0
+    """Total size of the clips (MB); the oldest are deleted beyond."""
+    max_age_days: float = 30.0
+    """Clips older than this are deleted (days)."""
+    http: bool = True
+    """Serve the clips read-only over HTTP (`GET /clips/` index, `GET /clips/<id>.flac`)."""
+    listen: str = "127.0.0.1:8765"
+    """HTTP address and TCP port (`host:port`; port 0 = any free port); loopback by default."""
+
+
+def _default_state_dir() -> str | None:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated if several).
+    value = os.environ.get("STATE_DIRECTORY", "")
+    return value.split(":")[0] or None
 
 
 @dataclass(frozen=True)
@@ -171,6 +231,11 @@ class Config:
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     zmq: ZmqConfig = field(default_factory=ZmqConfig)
     stdout: StdoutConfig = field(default_factory=StdoutConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    clips: ClipsConfig = field(default_factory=ClipsConfig)
+    state_dir: str | None = field(default_factory=_default_state_dir)
+    """Directory for the MQTT spool, run-time settings and clips; unset = $STATE_DIRECTORY, else none (all in memory)."""
 
     def with_sources(self, sources: tuple[SourceConfig, ...]) -> Config:
         """A copy with other sources (the demo fallback uses this)."""
@@ -349,7 +414,36 @@ def _check(c: Config) -> list[str]:
         p.append("mqtt.queue_limit: must be 0 or more")
     if not re.match(r"^(tcp|ipc|inproc)://.+", c.zmq.endpoint):
         p.append(f"zmq.endpoint: {c.zmq.endpoint!r} must look like tcp://127.0.0.1:5556 or ipc:///path")
+    if m.spool_max_mb <= 0:
+        p.append("mqtt.spool_max_mb: must be positive")
+    if m.session_expiry_s < 0:
+        p.append("mqtt.session_expiry_s: must be 0 or more")
+    if c.zmq.curve_secret_file and not Path(c.zmq.curve_secret_file).is_file():
+        p.append(f"zmq.curve_secret_file: {c.zmq.curve_secret_file} does not exist")
+    h = c.homeassistant
+    if not h.discovery_prefix or any(ch in h.discovery_prefix for ch in "+#") or h.discovery_prefix.endswith("/"):
+        p.append(f"homeassistant.discovery_prefix: {h.discovery_prefix!r} must be non-empty, without + or #, "
+                 "not ending in /")
+    if h.level_interval_s <= 0:
+        p.append("homeassistant.level_interval_s: must be positive")
+    k = c.clips
+    if k.pre_s < 0 or k.post_s < 0 or k.pre_s + k.post_s > 60:
+        p.append("clips.pre_s, clips.post_s: must be 0 or more, together at most 60 s")
+    if k.max_total_mb <= 0 or k.max_age_days <= 0:
+        p.append("clips.max_total_mb, clips.max_age_days: must be positive")
+    if not re.match(r"^.+:0$", k.listen) and split_listen(k.listen) is None:
+        p.append(f"clips.listen: {k.listen!r} must look like 127.0.0.1:8765 (port 0..65535)")
+    if split_listen(c.metrics.listen) is None:
+        p.append(f"metrics.listen: {c.metrics.listen!r} must look like 127.0.0.1:9721 or [::1]:9721 (port 1..65535)")
     return p
+
+
+def split_listen(listen: str) -> tuple[str, int] | None:
+    """`host:port` or `[v6addr]:port` as (host, port), or None if malformed."""
+    m = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]+)):(\d{1,5})$", listen)
+    if not m or not 1 <= int(m.group(3)) <= 65535:
+        return None
+    return (m.group(1) or m.group(2)), int(m.group(3))
 
 
 def _shown(name: str) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -118,6 +118,16 @@ class Detector:
                 events.append(self._end(label, track))
             track.state, track.count = _State.IDLE, 0
         return events
+
+    def set_threshold(self, label: str, threshold: float, hysteresis: float) -> None:
+        """Change a label's threshold at run time (the exit threshold follows); raises KeyError if unknown."""
+        track = self.tracks[label]
+        track.rule = replace(track.rule, threshold=threshold, exit_threshold=threshold * hysteresis)
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The current start threshold of each reported label."""
+        return {label: t.rule.threshold for label, t in self.tracks.items()}
 
     @property
     def active_labels(self) -> list[str]:

@@ -56,6 +56,9 @@ class Event:
     """Peak class score so far (0..1)."""
     schema: str = field(default=SCHEMA)
     """Always `earshot.event/1` for this version of the format."""
+    clip: str | None = None
+    """Id of the evidence clip of this detection (`GET /clips/<clip>.flac` on the clip server); the key is
+    left out of the JSON when no clip is recorded, so the payload stays as it was before clips existed."""
 
     def __post_init__(self) -> None:
         if self.type not in EVENT_TYPES:
@@ -70,8 +73,11 @@ class Event:
             object.__setattr__(self, "offset", round(float(self.offset), 3))
 
     def to_dict(self) -> dict:
-        """The event as a plain dict, keys in schema order."""
-        return asdict(self)
+        """The event as a plain dict, keys in schema order (`clip` only when set)."""
+        d = asdict(self)
+        if d["clip"] is None:
+            del d["clip"]
+        return d
 
     def to_json(self) -> str:
         """The event as one compact line of JSON: the payload on every transport."""

@@ -36,9 +36,8 @@ from __future__ import annotations
 import json
 import logging
 import pickle
-import sys
 import zipfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -47,106 +46,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from earshot.backend import StepScorer
 from earshot.features import FrontendParams
+from earshot.modelspec import CheckpointError, CnnDims, default_model_path, macs_per_frame, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "earshot-checkpoint"
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "thresholds", "provenance", "state_dict")
-
-
-@dataclass(frozen=True)
-class CnnDims:
-    """Architecture of `SoundEventCnn`; stored in the checkpoint (tuples as lists)."""
-
-    n_mels: int = 64
-    """Mel bands per input frame (must equal the frontend's n_mels)."""
-    channels: tuple[int, ...] = (16, 24, 32, 48)
-    """Output channels of each conv layer."""
-    freq_strides: tuple[int, ...] = (2, 2, 2, 2)
-    """Stride over frequency of each conv layer (mel bins)."""
-    time_kernels: tuple[int, ...] = (3, 3, 3, 3)
-    """Kernel size over time of each conv layer (frames)."""
-    dilations: tuple[int, ...] = (1, 2, 4, 8)
-    """Dilation over time of each conv layer (frames)."""
-    freq_kernel: int = 3
-    """Kernel size over frequency of every conv layer (mel bins), odd; 'same' padding."""
-    embed_dim: int = 64
-    """Per-frame embedding size."""
-    n_classes: int = 3
-    """Number of output classes (labels)."""
-    dropout: float = 0.2
-    """Dropout on the per-frame embedding during training (probability)."""
-
-    def __post_init__(self) -> None:
-        # Checkpoints store tuples as lists; normalise so equality and hashing work.
-        for name in ("channels", "freq_strides", "time_kernels", "dilations"):
-            value = getattr(self, name)
-            if not isinstance(value, (list, tuple)) or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
-            ):
-                raise ValueError(f"CnnDims.{name} must be a list of positive integers, got {value!r}")
-            object.__setattr__(self, name, tuple(value))
-        n = len(self.channels)
-        if n == 0 or any(len(getattr(self, k)) != n for k in ("freq_strides", "time_kernels", "dilations")):
-            raise ValueError("CnnDims: channels, freq_strides, time_kernels and dilations need the same length")
-        for name in ("n_mels", "freq_kernel", "embed_dim", "n_classes"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"CnnDims.{name} must be a positive integer, got {value!r}")
-        if self.freq_kernel % 2 != 1:
-            raise ValueError(f"CnnDims.freq_kernel must be odd, got {self.freq_kernel}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"CnnDims.dropout must be in [0, 1), got {self.dropout!r}")
-
-    @property
-    def receptive_frames(self) -> int:
-        """R: frames of input that one embedding depends on (time receptive field)."""
-        return 1 + sum((k - 1) * d for k, d in zip(self.time_kernels, self.dilations))
-
-    @property
-    def freq_sizes(self) -> tuple[int, ...]:
-        """Frequency extent after each conv layer (bins), starting with the input n_mels."""
-        sizes = [self.n_mels]
-        pad = self.freq_kernel // 2
-        for s in self.freq_strides:
-            sizes.append((sizes[-1] + 2 * pad - self.freq_kernel) // s + 1)
-        return tuple(sizes)
-
-    @property
-    def flat_dim(self) -> int:
-        """Channels x frequency of the last conv layer, the projection's input size."""
-        return self.channels[-1] * self.freq_sizes[-1]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with lists for tuples (what the checkpoint stores)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> CnnDims:
-        """Inverse of `to_dict`; unknown keys are an error."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown CnnDims key(s): {', '.join(map(str, unknown))}")
-        return cls(**d)
-
-
-def macs_per_frame(dims: CnnDims) -> int:
-    """Multiply-adds per input frame in steady state (convs, projection, both heads).
-
-    Every layer produces one output column per input frame, so per-frame cost is the cost of
-    one output column of each layer. Pooling (O(L*C) per window) is not included.
-    """
-    macs = 0
-    cin = 1
-    for cout, f_out, k in zip(dims.channels, dims.freq_sizes[1:], dims.time_kernels):
-        macs += cin * cout * dims.freq_kernel * k * f_out
-        cin = cout
-    macs += dims.flat_dim * dims.embed_dim
-    macs += 2 * dims.embed_dim * dims.n_classes
-    return macs
 
 
 class SoundEventCnn(nn.Module):
@@ -293,6 +201,23 @@ class _FoldedNet:
         n = self.dims.n_classes
         return out[..., :n], out[..., n:]
 
+    def rows(self, h: torch.Tensor) -> torch.Tensor:
+        """Last conv output (B, C, F, L) -> per-frame logits | attention (B, L, 2C) in one tensor."""
+        b, c, f, t = h.shape
+        emb = torch.relu_(F.linear(h.reshape(b, c * f, t).transpose(1, 2), self.proj_w, self.proj_b))  # (B, L, D)
+        return F.linear(emb, self.head_w, self.head_b)  # (B, L, 2C)
+
+    def step(self, x: np.ndarray, caches: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Streaming step (see earshot.backend): frames (B, n, n_mels) + full layer caches -> rows (B, n, 2C)."""
+        with torch.inference_mode():
+            h = self.normalize(torch.from_numpy(x))  # (B, 1, n_mels, n)
+            new = []
+            for i, ctx_len in enumerate(self.time_context):
+                h = torch.cat((torch.from_numpy(caches[i]), h), dim=3)  # (B, C, F, ctx + n)
+                new.append(h[..., h.shape[3] - ctx_len :].numpy())  # the next call's context
+                h = self.conv(i, h)  # (B, C', F', n)
+            return self.rows(h).numpy(), new
+
     def frame_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features (B, T, n_mels), T >= R -> per-frame (logits, att), each (B, T - R + 1, C)."""
         h = self.normalize(x)
@@ -392,6 +317,21 @@ class StreamingScorer:
         return [(e, out[i]) for i, e in enumerate(ends)]
 
 
+class MultiStreamScorer(StepScorer):
+    """Live scoring of `n_streams` streams in one worker: one batched forward pass per layer and push.
+
+    `push([frames_0, ..., frames_{n-1}]) -> [[(end_frame, scores (C,)), ...] per stream]`, each
+    stream's list equal (within 1e-5) to what its own `StreamingScorer` would return for the same
+    blocks; `reset(i)` restarts stream i. Streams given the same number of new frames are
+    stacked on the batch axis (at a common hop: all of them), each keeping its own layer caches.
+    Eval semantics (BatchNorm folded); not thread-safe.
+    """
+
+    def __init__(self, model: SoundEventCnn, chunk_frames: int, hop_frames: int, n_streams: int) -> None:
+        net = _FoldedNet(model)
+        super().__init__(net.step, model.dims, chunk_frames, hop_frames, n_streams)
+
+
 def score_windows(
     model: SoundEventCnn,
     feats: np.ndarray,
@@ -437,10 +377,6 @@ def score_windows(
 # Checkpoint
 
 
-class CheckpointError(Exception):
-    """A model file is missing, unsafe, malformed or does not match the runtime frontend."""
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A checkpoint loaded and validated: everything the daemon needs to score audio."""
@@ -458,6 +394,23 @@ class LoadedModel:
     provenance: dict[str, Any] = field(default_factory=dict)
     """Free-form training metadata (data, commit, metrics), plain JSON types."""
 
+    @property
+    def backend(self) -> str:
+        """Which runtime scores this model: 'torch' (see earshot.backend for 'onnx')."""
+        return "torch"
+
+    def streaming_scorer(self, chunk_frames: int, hop_frames: int) -> StreamingScorer:
+        """A live scorer for one stream."""
+        return StreamingScorer(self.model, chunk_frames, hop_frames)
+
+    def multi_stream_scorer(self, chunk_frames: int, hop_frames: int, n_streams: int) -> MultiStreamScorer:
+        """A live scorer for `n_streams` streams sharing one forward pass per push."""
+        return MultiStreamScorer(self.model, chunk_frames, hop_frames, n_streams)
+
+    def score_windows(self, feats: np.ndarray, chunk_frames: int, hop_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """Offline scores of every window of feats (T, n_mels): end_frames (N,), scores (N, C)."""
+        return score_windows(self.model, feats, chunk_frames, hop_frames)
+
 
 def save_checkpoint(
     path: str | Path,
@@ -470,7 +423,7 @@ def save_checkpoint(
     """Write a checkpoint that `load_checkpoint` accepts (validated before writing)."""
     labels = [str(x) for x in labels]
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
-    _validate_labels(labels, thresholds, model.dims)
+    validate_labels(labels, thresholds, model.dims)
     try:
         # Round-trip through JSON: only plain types survive weights_only loading.
         provenance = json.loads(json.dumps(provenance))
@@ -491,21 +444,6 @@ def save_checkpoint(
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     tmp.replace(path)  # atomic: a running daemon never sees a half-written file
-
-
-def _validate_labels(labels: list[str], thresholds: dict[str, float], dims: CnnDims) -> None:
-    """Labels unique and one per class; a threshold in (0, 1) for exactly the labels."""
-    if len(labels) != dims.n_classes:
-        raise CheckpointError(f"{len(labels)} labels for a model with {dims.n_classes} classes")
-    if len(set(labels)) != len(labels) or not all(labels):
-        raise CheckpointError(f"labels must be unique non-empty names, got {labels}")
-    missing = [x for x in labels if x not in thresholds]
-    extra = sorted(set(thresholds) - set(labels))
-    if missing or extra:
-        raise CheckpointError(f"thresholds must cover exactly the labels: missing {missing}, unknown {extra}")
-    bad = {k: v for k, v in thresholds.items() if not (isinstance(v, float) and 0.0 < v < 1.0)}
-    if bad:
-        raise CheckpointError(f"thresholds must be numbers in (0, 1), got {bad}")
 
 
 def _expect(ckpt: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
@@ -558,7 +496,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"bad checkpoint {path}: {exc}") from exc
     try:
-        _validate_labels(labels, thresholds, dims)
+        validate_labels(labels, thresholds, dims)
     except CheckpointError as exc:
         raise CheckpointError(f"bad checkpoint {path}: {exc}") from exc
     if dims.n_mels != saved_frontend.n_mels:
@@ -599,27 +537,13 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
     )
 
 
-def default_model_path() -> Path:
-    """Where the bundled model lives: source checkout first, then the installed data dir.
-
-    Returns the first candidate that exists, else the first candidate (so an error names it).
-    """
-    candidates = [
-        Path(__file__).resolve().parents[2] / "models" / "earshot.pt",  # source checkout / editable install
-        Path(sys.prefix) / "share" / "earshot" / "models" / "earshot.pt",  # wheel install (data_files)
-    ]
-    for c in candidates:
-        if c.is_file():
-            return c
-    return candidates[0]
-
-
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "CheckpointError",
     "CnnDims",
     "LoadedModel",
+    "MultiStreamScorer",
     "SoundEventCnn",
     "StreamingScorer",
     "attention_pool",

@@ -1,75 +1,133 @@
-"""The running daemon: one capture + worker per source, shared publishers, one stop event.
+"""The running daemon: one capture per source, one detection worker, shared publishers, one stop event.
 
 Lifecycle rules (so systemd can do its job):
-- SIGTERM/SIGINT set the stop event; workers finish their hop, publishers flush, joins are bounded.
+- SIGTERM/SIGINT set the stop event; the worker finishes its hop, publishers flush, joins are bounded.
 - A worker that dies from an unexpected error stops everything and the process exits 1, so
   systemd restarts it instead of leaving a daemon that runs but no longer listens.
-- The main thread supervises: it pings the systemd watchdog only while every worker has
+- The main thread supervises: it pings the systemd watchdog only while the worker has
   completed a loop recently, so a stalled worker gets the service restarted.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 
 from .analyzer import Hop, StreamAnalyzer
 from .capture import Capture, make_capture
 from .config import Config, SourceConfig
+from .events import Event
 from .model import LoadedModel
 from .publish import Fanout
 from .sdnotify import Notifier
 
 _LOGGER = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 0.5
-"""How long a worker waits for audio before looping (s); bounds its reaction to stop."""
+READ_TIMEOUT_S = 0.02
+"""How long the worker waits for audio on its first source per loop (s); well under a hop."""
 STALL_S = 10.0
-"""A worker that has not looped for this long is stalled (s): the watchdog is no longer fed."""
+"""A worker that has not looped for this long has stalled (s): the watchdog is no longer fed."""
 JOIN_S = 5.0
 """Longest wait for one thread at shutdown (s)."""
 STATS_EVERY_S = 300.0
 """Interval of the periodic health line in the log (s)."""
 
 
-class SourceWorker(threading.Thread):
-    """Reads one source's audio, runs detection per hop and publishes the events."""
+class Tap(Protocol):
+    """Something that watches the streams from the worker thread (clips, metrics, score feeds).
 
-    def __init__(self, source: SourceConfig, capture: Capture, analyzer: StreamAnalyzer, publish: Callable,
+    Called in the worker thread: it must be quick and must not raise (log and count instead).
+    """
+
+    def on_audio(self, source: str, samples: np.ndarray) -> None:
+        """New audio of `source` (float32 mono at the model rate)."""
+
+    def on_hop(self, source: str, hop: Hop) -> None:
+        """One scored window of `source`."""
+
+    def on_event(self, event: Event) -> Event:
+        """An event about to be published; may return a copy with more fields (e.g. a clip)."""
+
+
+@dataclass
+class Stream:
+    """One source as the worker sees it."""
+
+    source: SourceConfig
+    capture: Capture
+    analyzer: StreamAnalyzer
+    done: bool = False
+    events: int = 0
+    enabled: bool = True
+    """False while disabled at run time: audio is still drained (no overrun) but not analysed."""
+
+
+class Worker(threading.Thread):
+    """The one detection thread: reads every source, scores their hops, publishes their events.
+
+    One thread for all sources keeps the daemon's footprint flat as microphones are added, and
+    lets their hops share forward passes.
+    """
+
+    def __init__(self, streams: list[Stream], publish: Callable[[Event], None], taps: list[Tap],
                  stop: threading.Event):
-        super().__init__(name=f"worker-{source.name}", daemon=True)
-        self.source, self.capture, self.analyzer = source, capture, analyzer
-        self.publish, self.stop = publish, stop
+        super().__init__(name="earshot-worker", daemon=True)
+        self.streams, self.publish, self.taps, self.stop = streams, publish, taps, stop
         self.heartbeat = time.monotonic()
         self.failed = False
-        self.events = 0
-        self.hops = 0
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the worker thread between two reads (for run-time changes from other threads)."""
+        self.calls.put(fn)
 
     def run(self) -> None:
         try:
             self._loop()
-        except Exception:  # noqa: BLE001 - any worker death is fatal, logged with its traceback
-            _LOGGER.exception("worker for source %r died; stopping earshot", self.source.name)
+        except Exception:  # noqa: BLE001 - a worker death is fatal, logged with its traceback
+            _LOGGER.exception("the detection worker died; stopping earshot")
             self.failed = True
             self.stop.set()
 
     def _loop(self) -> None:
         while not self.stop.is_set():
-            samples = self.capture.read(READ_TIMEOUT_S)
+            while not self.calls.empty():
+                self.calls.get_nowait()()
+            active = [s for s in self.streams if not s.done]
+            if not active:
+                return
+            for i, stream in enumerate(active):
+                # Block briefly on the first source only; the others are drained without waiting.
+                samples = stream.capture.read(READ_TIMEOUT_S if i == 0 else 0.0)
+                if samples.size and not stream.enabled:
+                    continue
+                if samples.size:
+                    for tap in self.taps:
+                        tap.on_audio(stream.source.name, samples)
+                    self._emit(stream, stream.analyzer.push(samples))
+                elif stream.capture.finished:
+                    stream.done = True
+                    _LOGGER.info("source %r ended after %.1f s of audio", stream.source.name,
+                                 stream.analyzer.seconds_in)
+                    self._emit(stream, stream.analyzer.finish())
             self.heartbeat = time.monotonic()
-            if samples.size:
-                self._emit(self.analyzer.push(samples))
-            elif self.capture.finished:
-                _LOGGER.info("source %r finished after %.1f s of audio", self.source.name, self.analyzer.seconds_in)
-                break
-        self._emit(self.analyzer.finish())
+        for stream in self.streams:
+            if not stream.done:
+                self._emit(stream, stream.analyzer.finish())
 
-    def _emit(self, events: list) -> None:
+    def _emit(self, stream: Stream, events: list[Event]) -> None:
         for event in events:
-            self.events += 1
+            for tap in self.taps:
+                event = tap.on_event(event)
+            stream.events += 1
             _LOGGER.info("%s %s on %s (score %.2f)", event.type, event.label, event.source, event.score)
             self.publish(event)
 
@@ -78,12 +136,13 @@ class Service:
     """Runs the configured sources until stopped or until every finite source has ended."""
 
     def __init__(self, config: Config, loaded: LoadedModel, publisher: Fanout,
-                 notifier: Notifier | None = None, on_hop: Callable[[str, Hop], None] | None = None):
+                 notifier: Notifier | None = None, taps: list[Tap] | None = None):
         self.config, self.loaded, self.publisher = config, loaded, publisher
         self.notifier = notifier or Notifier()
-        self.on_hop = on_hop
+        self.taps = list(taps or [])
         self.stop = threading.Event()
-        self.workers: list[SourceWorker] = []
+        self.streams: list[Stream] = []
+        self.worker: Worker | None = None
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the service cleanly (main thread only)."""
@@ -94,50 +153,50 @@ class Service:
         signal.signal(signal.SIGINT, handle)
 
     def start(self) -> None:
-        """Open every source and start its worker; raises CaptureError if a source cannot open."""
+        """Open every source and start the worker; raises CaptureError if a source cannot open."""
         sr = self.loaded.frontend.sample_rate
-        opened: list[Capture] = []
         try:
             for source in self.config.active_sources:
                 capture = make_capture(source, sr, self.stop)
                 capture.start()
-                opened.append(capture)
-                self.workers.append(SourceWorker(source, capture, self._analyzer(source, capture),
-                                                 self.publisher.publish, self.stop))
+                self.streams.append(Stream(source, capture, self._analyzer(source)))
         except BaseException:
-            for capture in opened:
-                capture.stop()
+            for stream in self.streams:
+                stream.capture.stop()
             raise
-        for worker in self.workers:
-            worker.start()
-        names = ", ".join(w.source.name for w in self.workers)
+        self.worker = Worker(self.streams, self.publisher.publish, self.taps, self.stop)
+        self.worker.start()
+        names = ", ".join(s.source.name for s in self.streams)
         _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
         self.notifier.ready(f"listening on {names}")
 
-    def _analyzer(self, source: SourceConfig, capture: Capture) -> StreamAnalyzer:
+    def _analyzer(self, source: SourceConfig) -> StreamAnalyzer:
         holder: list[StreamAnalyzer] = []
-        on_hop = None if self.on_hop is None else (lambda hop: self.on_hop(source.name, hop))
+
+        def on_hop(hop: Hop) -> None:
+            for tap in self.taps:
+                tap.on_hop(source.name, hop)
+
         # Live audio: the newest sample is "now", so a stream time maps to now minus the audio since.
         analyzer = StreamAnalyzer(
             self.loaded, self.config.frontend, self.config.detect, source=source.name, node=self.config.node,
-            to_wall=lambda t: time.time() - (holder[0].seconds_in - t), on_hop=on_hop,
+            to_wall=lambda t: time.time() - (holder[0].seconds_in - t), on_hop=on_hop if self.taps else None,
         )
         holder.append(analyzer)
         return analyzer
 
     def supervise(self) -> int:
-        """Watch the workers until stop; returns the process exit code."""
+        """Watch the worker until stop; returns the process exit code."""
+        assert self.worker is not None, "start() first"
         ping_s = min(5.0, self.notifier.watchdog_s / 3) if self.notifier.watchdog_s else 1.0
         next_stats = time.monotonic() + STATS_EVERY_S
         while not self.stop.wait(ping_s):
-            if any(w.failed for w in self.workers):
-                break
-            if all(not w.is_alive() for w in self.workers):
-                break  # every source was finite and has ended
+            if not self.worker.is_alive():
+                break  # it failed, or every source was finite and has ended
             now = time.monotonic()
-            stalled = [w.source.name for w in self.workers if w.is_alive() and now - w.heartbeat > STALL_S]
-            if stalled:
-                _LOGGER.error("worker for %s has stalled; not feeding the watchdog", ", ".join(stalled))
+            if now - self.worker.heartbeat > STALL_S:
+                _LOGGER.error("the detection worker has stalled for %.0f s; not feeding the watchdog",
+                              now - self.worker.heartbeat)
             else:
                 self.notifier.watchdog()
             if now >= next_stats:
@@ -146,27 +205,26 @@ class Service:
         return self.shutdown()
 
     def shutdown(self) -> int:
-        """Stop workers and captures (bounded), flush publishers; returns the exit code."""
+        """Stop the worker and captures (bounded), flush publishers; returns the exit code."""
         self.notifier.stopping()
         self.stop.set()
-        for worker in self.workers:
-            worker.join(JOIN_S)
-            if worker.is_alive():
-                _LOGGER.warning("worker for %r did not stop within %.0f s", worker.source.name, JOIN_S)
-        for worker in self.workers:
-            worker.capture.stop()
+        if self.worker is not None:
+            self.worker.join(JOIN_S)
+            if self.worker.is_alive():
+                _LOGGER.warning("the detection worker did not stop within %.0f s", JOIN_S)
+        for stream in self.streams:
+            stream.capture.stop()
         self.publisher.close(timeout_s=3.0)
         self.log_health()
-        failed = [w.source.name for w in self.workers if w.failed]
-        return 1 if failed else 0
+        return 1 if self.worker is not None and self.worker.failed else 0
 
     def log_health(self) -> None:
-        """One log line per source with its counters, and one for the publishers."""
-        for w in self.workers:
-            c = w.capture
+        """One log line per source with its counters, and one per publisher."""
+        for s in self.streams:
+            c = s.capture
             _LOGGER.info(
                 "source %s: %.0f s audio, %d events, %d samples lost, %d status flags, %d non-finite samples",
-                w.source.name, w.analyzer.seconds_in, w.events, c.lost_samples, c.status_flags, c.nonfinite_samples,
+                s.source.name, s.analyzer.seconds_in, s.events, c.lost_samples, c.status_flags, c.nonfinite_samples,
             )
         for name, stats in self.publisher.stats().items():
             _LOGGER.info("publisher %s: %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))

@@ -1,0 +1,143 @@
+"""Torch-free description of an earshot model: architecture dims, label checks, model errors.
+
+Everything here is needed by every backend (torch checkpoints and ONNX files alike), so it must
+not import torch: a daemon that runs an .onnx model never loads torch (about 290 MB of RSS).
+`earshot.model` re-exports these names, so `from earshot.model import CnnDims` keeps working.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CnnDims:
+    """Architecture of `SoundEventCnn`; stored in the checkpoint (tuples as lists)."""
+
+    n_mels: int = 64
+    """Mel bands per input frame (must equal the frontend's n_mels)."""
+    channels: tuple[int, ...] = (16, 24, 32, 48)
+    """Output channels of each conv layer."""
+    freq_strides: tuple[int, ...] = (2, 2, 2, 2)
+    """Stride over frequency of each conv layer (mel bins)."""
+    time_kernels: tuple[int, ...] = (3, 3, 3, 3)
+    """Kernel size over time of each conv layer (frames)."""
+    dilations: tuple[int, ...] = (1, 2, 4, 8)
+    """Dilation over time of each conv layer (frames)."""
+    freq_kernel: int = 3
+    """Kernel size over frequency of every conv layer (mel bins), odd; 'same' padding."""
+    embed_dim: int = 64
+    """Per-frame embedding size."""
+    n_classes: int = 3
+    """Number of output classes (labels)."""
+    dropout: float = 0.2
+    """Dropout on the per-frame embedding during training (probability)."""
+
+    def __post_init__(self) -> None:
+        # Checkpoints store tuples as lists; normalise so equality and hashing work.
+        for name in ("channels", "freq_strides", "time_kernels", "dilations"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value
+            ):
+                raise ValueError(f"CnnDims.{name} must be a list of positive integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        n = len(self.channels)
+        if n == 0 or any(len(getattr(self, k)) != n for k in ("freq_strides", "time_kernels", "dilations")):
+            raise ValueError("CnnDims: channels, freq_strides, time_kernels and dilations need the same length")
+        for name in ("n_mels", "freq_kernel", "embed_dim", "n_classes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"CnnDims.{name} must be a positive integer, got {value!r}")
+        if self.freq_kernel % 2 != 1:
+            raise ValueError(f"CnnDims.freq_kernel must be odd, got {self.freq_kernel}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"CnnDims.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def receptive_frames(self) -> int:
+        """R: frames of input that one embedding depends on (time receptive field)."""
+        return 1 + sum((k - 1) * d for k, d in zip(self.time_kernels, self.dilations))
+
+    @property
+    def freq_sizes(self) -> tuple[int, ...]:
+        """Frequency extent after each conv layer (bins), starting with the input n_mels."""
+        sizes = [self.n_mels]
+        pad = self.freq_kernel // 2
+        for s in self.freq_strides:
+            sizes.append((sizes[-1] + 2 * pad - self.freq_kernel) // s + 1)
+        return tuple(sizes)
+
+    @property
+    def flat_dim(self) -> int:
+        """Channels x frequency of the last conv layer, the projection's input size."""
+        return self.channels[-1] * self.freq_sizes[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with lists for tuples (what the checkpoint stores)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CnnDims:
+        """Inverse of `to_dict`; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CnnDims key(s): {', '.join(map(str, unknown))}")
+        return cls(**d)
+
+
+def macs_per_frame(dims: CnnDims) -> int:
+    """Multiply-adds per input frame in steady state (convs, projection, both heads).
+
+    Every layer produces one output column per input frame, so per-frame cost is the cost of
+    one output column of each layer. Pooling (O(L*C) per window) is not included.
+    """
+    macs = 0
+    cin = 1
+    for cout, f_out, k in zip(dims.channels, dims.freq_sizes[1:], dims.time_kernels):
+        macs += cin * cout * dims.freq_kernel * k * f_out
+        cin = cout
+    macs += dims.flat_dim * dims.embed_dim
+    macs += 2 * dims.embed_dim * dims.n_classes
+    return macs
+
+
+class CheckpointError(Exception):
+    """A model file is missing, unsafe, malformed or does not match the runtime frontend."""
+
+
+def validate_labels(labels: list[str], thresholds: dict[str, float], dims: CnnDims) -> None:
+    """Raise CheckpointError unless labels are unique and one per class; a threshold in (0, 1) for exactly the labels."""
+    if len(labels) != dims.n_classes:
+        raise CheckpointError(f"{len(labels)} labels for a model with {dims.n_classes} classes")
+    if len(set(labels)) != len(labels) or not all(labels):
+        raise CheckpointError(f"labels must be unique non-empty names, got {labels}")
+    missing = [x for x in labels if x not in thresholds]
+    extra = sorted(set(thresholds) - set(labels))
+    if missing or extra:
+        raise CheckpointError(f"thresholds must cover exactly the labels: missing {missing}, unknown {extra}")
+    bad = {k: v for k, v in thresholds.items() if not (isinstance(v, float) and 0.0 < v < 1.0)}
+    if bad:
+        raise CheckpointError(f"thresholds must be numbers in (0, 1), got {bad}")
+
+
+def default_model_path() -> Path:
+    """Where the bundled model lives: source checkout first, then the installed data dir.
+
+    Returns the first candidate that exists, else the first candidate (so an error names it).
+    """
+    candidates = [
+        Path(__file__).resolve().parents[2] / "models" / "earshot.pt",  # source checkout / editable install
+        Path(sys.prefix) / "share" / "earshot" / "models" / "earshot.pt",  # wheel install (data_files)
+    ]
+    for c in candidates:
+        if c.is_file():
+            return c
+    return candidates[0]
+
+
+__all__ = ["CheckpointError", "CnnDims", "default_model_path", "macs_per_frame", "validate_labels"]

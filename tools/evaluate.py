@@ -1,0 +1,576 @@
+"""Evaluate a checkpoint on the validation recordings, through the daemon's own detection path.
+
+    python tools/evaluate.py --data ../shared/data --model models/earshot.pt \\
+        [--calibrate --target-fa-per-hour 1] [--json models/eval.json]
+
+Only validation groups and only real recordings are used (see `data.validation_groups`).
+
+- Mixtures: every validation event clip (trimmed to its active region plus a short margin) is mixed
+  into 30 s streams of concatenated validation negatives, a few events per stream with gaps, at
+  event-to-background ratios of -6, 0 and +6 dB (same streams and positions at every EBR, fixed
+  seed). Each stream goes through `earshot.offline.detect_samples`, the code `earshot detect` runs.
+  Scores: DCASE 2017 task 2 event-based metrics (onset only, 0.5 s collar) per class: precision,
+  recall, F1, error rate (deletions + insertions over reference events); recall per EBR and per source.
+- False alarms: all validation negatives concatenated at their recorded levels into long streams
+  with no events; `start` events per class, scaled to per hour, and which kinds of sound caused them.
+- `--calibrate`: the validation groups are split in two halves by group hash. Per class, the lowest
+  threshold (most recall) whose false-alarm rate on the calibration half's negatives is within the
+  target is chosen, then the checkpoint is re-saved with those thresholds and every reported number
+  comes from the other (report) half, run again through `detect_samples` with the new thresholds.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.optimize import linear_sum_assignment  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import data  # noqa: E402
+
+log = logging.getLogger("evaluate")
+
+COLLAR_S = 0.5
+"""Onset collar of the DCASE 2017 task 2 event-based metric (s)."""
+EBRS_DB = (-6.0, 0.0, 6.0)
+"""Event-to-background ratios of the mixtures (dB), as in DCASE 2017 task 2."""
+STREAM_S = 30.0
+"""Length of each mixture stream (s)."""
+MAX_EVENT_S = 8.0
+"""Event clips are cut to at most this much active sound (s)."""
+BACKGROUND_DBFS = -35.0
+"""RMS level of the mixture backgrounds (dBFS); detection is gain invariant above the level gate."""
+FA_STREAM_S = 600.0
+"""False-alarm streams are cut into pieces of this length (s) before detection."""
+THRESHOLD_GRID = tuple(round(x, 3) for x in np.concatenate([np.arange(0.20, 0.90, 0.05), np.arange(0.90, 0.995, 0.01)]))
+"""Candidate thresholds for calibration."""
+
+
+# ---------------------------------------------------------------------------
+# DCASE 2017 task 2 event-based metrics (onset only)
+
+
+@dataclass(frozen=True)
+class RefEvent:
+    """A reference (ground truth) event."""
+
+    label: str
+    onset: float
+    offset: float
+    stream: int
+    """Index of the stream it is in."""
+    source: str = ""
+    """Where the clip came from (for per-source recall)."""
+    ebr_db: float = 0.0
+
+
+@dataclass(frozen=True)
+class EstEvent:
+    """A detected event (from a `start`/`end` pair, or a `start` alone)."""
+
+    label: str
+    onset: float
+    stream: int
+
+
+def match_onsets(ref: Sequence[float], est: Sequence[float], collar: float = COLLAR_S) -> list[tuple[int, int]]:
+    """Maximum one-to-one matching of reference and estimated onsets with |ref - est| <= collar.
+
+    Returns (ref index, est index) pairs. Ties are broken towards the closest onsets (as sed_eval's
+    optimal matching: maximum cardinality first, then smallest total distance).
+    """
+    if not ref or not est:
+        return []
+    r = np.asarray(ref, dtype=np.float64)[:, None]
+    e = np.asarray(est, dtype=np.float64)[None, :]
+    dist = np.abs(r - e)
+    ok = dist <= collar + 1e-9
+    if not ok.any():
+        return []
+    # Every admissible pair is worth much more than any distance, so cardinality comes first.
+    cost = np.where(ok, dist - 1e3, 0.0)
+    rows, cols = linear_sum_assignment(cost)
+    return [(int(i), int(j)) for i, j in zip(rows, cols) if ok[i, j]]
+
+
+@dataclass
+class ClassCounts:
+    """Event-based counts of one class."""
+
+    n_ref: int = 0
+    n_est: int = 0
+    tp: int = 0
+
+    @property
+    def fp(self) -> int:
+        """Insertions."""
+        return self.n_est - self.tp
+
+    @property
+    def fn(self) -> int:
+        """Deletions."""
+        return self.n_ref - self.tp
+
+    def metrics(self) -> dict[str, float | int]:
+        """Precision, recall, F1 and class-wise error rate ((D + I) / N), with the counts."""
+        p = self.tp / self.n_est if self.n_est else float("nan")
+        r = self.tp / self.n_ref if self.n_ref else float("nan")
+        f1 = 2 * self.tp / (self.n_ref + self.n_est) if (self.n_ref + self.n_est) else float("nan")
+        er = (self.fn + self.fp) / self.n_ref if self.n_ref else float("nan")
+        return {"precision": p, "recall": r, "f1": f1, "error_rate": er, "n_ref": self.n_ref, "n_est": self.n_est,
+                "tp": self.tp, "insertions": self.fp, "deletions": self.fn}
+
+
+def event_based(ref: Sequence[RefEvent], est: Sequence[EstEvent], labels: Sequence[str], collar: float = COLLAR_S
+                ) -> tuple[dict[str, ClassCounts], set[int]]:
+    """Per-class counts over all streams, and the indices (into `ref`) of the detected reference events.
+
+    Matching is per (stream, class) on onsets only, like DCASE 2017 task 2; an estimate of another
+    class never matches (it is an insertion of its own class).
+    """
+    counts = {label: ClassCounts() for label in labels}
+    hit: set[int] = set()
+    by_key_ref: dict[tuple[int, str], list[int]] = defaultdict(list)
+    by_key_est: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for i, ev in enumerate(ref):
+        by_key_ref[(ev.stream, ev.label)].append(i)
+    for ev in est:
+        by_key_est[(ev.stream, ev.label)].append(ev.onset)
+    for label in labels:
+        counts[label].n_ref = sum(1 for ev in ref if ev.label == label)
+        counts[label].n_est = sum(1 for ev in est if ev.label == label)
+    for key in set(by_key_ref) | set(by_key_est):
+        idx = by_key_ref.get(key, [])
+        pairs = match_onsets([ref[i].onset for i in idx], by_key_est.get(key, []), collar)
+        if key[1] in counts:
+            counts[key[1]].tp += len(pairs)
+        hit.update(idx[i] for i, _ in pairs)
+    return counts, hit
+
+
+def summary(counts: dict[str, ClassCounts]) -> dict[str, float]:
+    """Class-wise averages of F1 and error rate (the DCASE 2017 task 2 ranking metric is the mean ER)."""
+    ms = [c.metrics() for c in counts.values() if c.n_ref]
+    return {"f1_macro": float(np.mean([m["f1"] for m in ms])) if ms else float("nan"),
+            "error_rate_macro": float(np.mean([m["error_rate"] for m in ms])) if ms else float("nan")}
+
+
+# ---------------------------------------------------------------------------
+# Building the evaluation streams
+
+
+def half_of(group: str) -> str:
+    """'cal' or 'report': a fixed split of validation groups for calibration."""
+    return "cal" if int(hashlib.sha256(f"earshot-calib:{group}".encode()).hexdigest(), 16) % 2 == 0 else "report"
+
+
+@dataclass
+class EventClip:
+    """A validation event trimmed to its active region (plus margin)."""
+
+    clip: data.Clip
+    samples: np.ndarray
+    active_s: tuple[float, float]
+    """Active region within `samples` (s)."""
+    mask: np.ndarray
+    """Per-10 ms activity within `samples`."""
+
+
+def trim_event(clip: data.Clip, x: np.ndarray, sr: int) -> EventClip:
+    """Cut a clip to its active region with 0.1 s before and 0.3 s after (20 ms fades), at most MAX_EVENT_S of activity."""
+    mask = data.activity_mask(x)
+    idx = np.flatnonzero(mask)
+    hop = data.ACTIVITY_HOP
+    a0, a1 = int(idx[0]), int(idx[-1]) + 1
+    a1 = min(a1, a0 + int(MAX_EVENT_S * sr / hop))
+    s0 = max(0, a0 * hop - int(0.1 * sr))
+    s1 = min(len(x), a1 * hop + int(0.3 * sr))
+    seg = x[s0:s1].astype(np.float32).copy()
+    fade = min(len(seg) // 4, int(0.02 * sr))
+    if fade > 0:
+        ramp = np.linspace(0.0, 1.0, fade, dtype=np.float32)
+        if s0 > 0:
+            seg[:fade] *= ramp
+        if s1 < len(x):
+            seg[-fade:] *= ramp[::-1]
+    m = np.zeros(len(seg) // hop + 1, dtype=bool)
+    m[max(0, a0 - s0 // hop) : a1 - s0 // hop] = True
+    return EventClip(clip, seg, ((a0 * hop - s0) / sr, (a1 * hop - s0) / sr), m)
+
+
+def concat_negatives(items: Sequence[tuple[data.Clip, np.ndarray]], rng: np.random.Generator, normalize: bool
+                     ) -> tuple[np.ndarray, list[tuple[float, float, data.Clip]]]:
+    """Negatives in random order, joined with 20 ms crossfades; returns audio and (start_s, end_s, clip) spans."""
+    sr, fade = data.SAMPLE_RATE, 320
+    parts, spans, pos = [], [], 0
+    for i in rng.permutation(len(items)):
+        clip, x = items[int(i)]
+        x = x.astype(np.float64)
+        if normalize:
+            x = x / (np.sqrt(np.mean(x**2)) + 1e-8)
+        if len(x) <= 2 * fade:
+            continue
+        x = x.copy()
+        ramp = np.linspace(0.0, 1.0, fade)
+        x[:fade] *= ramp
+        x[-fade:] *= ramp[::-1]
+        start = max(0, pos - fade)
+        parts.append((start, x))
+        spans.append((start / sr, (start + len(x)) / sr, clip))
+        pos = start + len(x)
+    out = np.zeros(pos)
+    for start, x in parts:
+        out[start : start + len(x)] += x
+    return out, spans
+
+
+@dataclass
+class Mixtures:
+    """Mixture streams at each EBR with their reference events (same positions at every EBR)."""
+
+    streams: dict[float, list[np.ndarray]] = field(default_factory=dict)
+    refs: dict[float, list[RefEvent]] = field(default_factory=dict)
+
+
+def build_mixtures(events: Sequence[EventClip], negatives: Sequence[tuple[data.Clip, np.ndarray]], seed: int,
+                   ebrs: Sequence[float] = EBRS_DB) -> Mixtures:
+    """Pack events into 30 s background streams with 3-6 s gaps; mix at each EBR (see module docstring)."""
+    sr = data.SAMPLE_RATE
+    rng = np.random.default_rng([seed, 1])
+    bg_all, _ = concat_negatives(negatives, rng, normalize=True)
+    n_stream = int(STREAM_S * sr)
+    order = [events[int(i)] for i in rng.permutation(len(events))]
+    # Layout: list of streams, each a list of (start sample, EventClip).
+    layouts: list[list[tuple[int, EventClip]]] = []
+    cur: list[tuple[int, EventClip]] = []
+    t = int(rng.uniform(1.5, 4.0) * sr)
+    for ev in order:
+        if t + len(ev.samples) > n_stream - int(1.0 * sr):
+            layouts.append(cur)
+            cur, t = [], int(rng.uniform(1.5, 4.0) * sr)
+        cur.append((t, ev))
+        t += len(ev.samples) + int(rng.uniform(3.0, 6.0) * sr)
+    if cur:
+        layouts.append(cur)
+    # One background stretch per stream (wrapping around the concatenated negatives).
+    offsets = rng.integers(0, max(1, len(bg_all) - n_stream), size=len(layouts))
+    out = Mixtures()
+    for ebr in ebrs:
+        streams, refs = [], []
+        for k, layout in enumerate(layouts):
+            bg = bg_all[offsets[k] : offsets[k] + n_stream]
+            if len(bg) < n_stream:
+                bg = np.resize(bg_all, n_stream)
+            bg = bg * (10 ** (BACKGROUND_DBFS / 20) / (np.sqrt(np.mean(bg**2)) + 1e-12))
+            mix = bg.copy()
+            for start, ev in layout:
+                a, b = int(ev.active_s[0] * sr), int(ev.active_s[1] * sr)
+                ev_rms = float(np.sqrt(np.mean(ev.samples[a:b].astype(np.float64) ** 2)) + 1e-12)
+                bg_rms = float(np.sqrt(np.mean(bg[start + a : start + b] ** 2)) + 1e-12)
+                gain = bg_rms * 10 ** (ebr / 20) / ev_rms
+                mix[start : start + len(ev.samples)] += gain * ev.samples
+                refs.append(RefEvent(ev.clip.label, start / sr + ev.active_s[0], start / sr + ev.active_s[1], k,
+                                     ev.clip.source, ebr))
+            peak = float(np.max(np.abs(mix)))
+            if peak > 0.99:  # keep it unclipped: scale the whole stream (gain invariant features)
+                mix *= 0.99 / peak
+            streams.append(mix.astype(np.float32))
+        out.streams[ebr] = streams
+        out.refs[ebr] = refs
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Running the detector
+
+
+def run_streams(streams: Sequence[np.ndarray], loaded, keep_hops: bool = False):
+    """`detect_samples` on each stream; returns (estimated events, per-stream hops or None)."""
+    from earshot.offline import detect_samples
+
+    est: list[EstEvent] = []
+    all_hops = []
+    for k, x in enumerate(streams):
+        hops: list | None = [] if keep_hops else None
+        for ev in detect_samples(x, loaded, source="eval", hops=hops):
+            if ev.type == "start":
+                est.append(EstEvent(ev.label, ev.onset, k))
+        all_hops.append(hops)
+    return est, all_hops
+
+
+def replay(hops_per_stream, loaded, thresholds: dict[str, float]) -> list[EstEvent]:
+    """The daemon's event state machine over recorded hops, with other thresholds (for calibration sweeps)."""
+    from earshot.config import DetectConfig
+    from earshot.detect import Detector, make_rules
+
+    p = loaded.frontend
+    hop_s = 0.1
+    est = []
+    for k, hops in enumerate(hops_per_stream):
+        if len(hops) > 1:
+            hop_s = hops[1].t_end - hops[0].t_end
+        det = Detector(list(loaded.labels), make_rules(list(loaded.labels), thresholds, DetectConfig()),
+                       source="eval", node="eval", chunk_s=p.chunk_s, hop_s=hop_s, to_wall=lambda t: t)
+        for h in hops:
+            for ev in det.update(h.t_end, h.scores):
+                if ev.type == "start":
+                    est.append(EstEvent(ev.label, ev.onset, k))
+    return est
+
+
+def fa_streams(negatives: Sequence[tuple[data.Clip, np.ndarray]], seed: int
+               ) -> tuple[list[np.ndarray], list[list[tuple[float, float, data.Clip]]]]:
+    """All negatives at their recorded levels, concatenated and cut into FA_STREAM_S pieces."""
+    audio, spans = concat_negatives(negatives, np.random.default_rng([seed, 2]), normalize=False)
+    n = int(FA_STREAM_S * data.SAMPLE_RATE)
+    streams, stream_spans = [], []
+    for k in range(0, len(audio), n):
+        streams.append(np.clip(audio[k : k + n], -1, 1).astype(np.float32))
+        t0, t1 = k / data.SAMPLE_RATE, (k + n) / data.SAMPLE_RATE
+        stream_spans.append([(a - t0, b - t0, c) for a, b, c in spans if b > t0 and a < t1])
+    return streams, stream_spans
+
+
+def fa_report(est: list[EstEvent], streams, spans, labels) -> dict:
+    """False alarms per hour per class, and the kinds of sound that caused them."""
+    hours = sum(len(x) for x in streams) / data.SAMPLE_RATE / 3600
+    per_class = {label: 0 for label in labels}
+    culprits: dict[str, dict[str, int]] = {label: defaultdict(int) for label in labels}
+    for ev in est:
+        per_class[ev.label] += 1
+        kind = "?"
+        for a, b, c in spans[ev.stream]:
+            if a <= ev.onset < b:
+                kind = f"{c.kind or '-'} ({c.source.split('/')[-1]})"
+        culprits[ev.label][kind] += 1
+    return {
+        "hours": hours,
+        "false_alarms": per_class,
+        "per_hour": {k: v / hours if hours else float("nan") for k, v in per_class.items()},
+        "causes": {k: dict(sorted(v.items(), key=lambda kv: -kv[1])[:10]) for k, v in culprits.items()},
+    }
+
+
+def mixture_report(mix: Mixtures, est_by_ebr: dict[float, list[EstEvent]], labels) -> dict:
+    """Per-EBR and overall (all EBRs pooled) event-based metrics, recall per EBR and per source."""
+    out: dict = {"per_ebr": {}, "recall_by_ebr": {}, "recall_by_source": {}}
+    src_hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for ebr in mix.refs:
+        refs, est = mix.refs[ebr], est_by_ebr[ebr]
+        counts, hit = event_based(refs, est, labels)
+        out["per_ebr"][f"{ebr:+.0f}"] = {"classes": {k: c.metrics() for k, c in counts.items()}, **summary(counts)}
+        out["recall_by_ebr"][f"{ebr:+.0f}"] = {k: c.metrics()["recall"] for k, c in counts.items()}
+        for i, r in enumerate(refs):
+            key = f"{r.label} | {r.source}"
+            src_hits[key][0] += int(i in hit)
+            src_hits[key][1] += 1
+    out["recall_by_source"] = {k: {"recall": h / n, "n": n} for k, (h, n) in sorted(src_hits.items())}
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Calibration
+
+
+def calibrate(mix: Mixtures, hops_by_ebr, fa_hops, fa_hours: float, loaded, target: float) -> tuple[dict[str, float], dict]:
+    """Per class: the lowest grid threshold with false alarms/hour <= target on the negatives.
+
+    The lowest such threshold keeps the most recall. If none reaches the target, the threshold
+    with the fewest false alarms (then the best 0 dB F1) is taken and the miss is reported.
+    """
+    labels = list(loaded.labels)
+    table: dict[str, list[dict]] = {label: [] for label in labels}
+    for t in THRESHOLD_GRID:
+        th = {label: float(t) for label in labels}
+        fa = replay(fa_hops, loaded, th)
+        n_fa = {label: sum(1 for e in fa if e.label == label) for label in labels}
+        counts, _ = event_based(mix.refs[0.0], replay(hops_by_ebr[0.0], loaded, th), labels)
+        counts_m6, _ = event_based(mix.refs[-6.0], replay(hops_by_ebr[-6.0], loaded, th), labels)
+        for label in labels:
+            table[label].append({"threshold": float(t), "fa_per_hour": n_fa[label] / fa_hours,
+                                 "f1_0db": counts[label].metrics()["f1"],
+                                 "recall_-6db": counts_m6[label].metrics()["recall"]})
+    chosen: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    for label in labels:
+        ok = [row for row in table[label] if row["fa_per_hour"] <= target]
+        if ok:
+            chosen[label] = ok[0]["threshold"]
+        else:
+            best = min(table[label], key=lambda r: (r["fa_per_hour"], -np.nan_to_num(r["f1_0db"])))
+            chosen[label] = best["threshold"]
+            notes[label] = f"target not reached on the calibration half: {best['fa_per_hour']:.2f} FA/h at best"
+    return chosen, {"sweep": table, "notes": notes}
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def markdown(result: dict, labels: Sequence[str]) -> str:
+    """The human-readable tables printed at the end (also pasted into the model card)."""
+    lines = []
+    mixr = result["mixtures"]
+    lines.append("| class | EBR dB | precision | recall | F1 | ER | refs | insertions |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label in labels:
+        for ebr, r in mixr["per_ebr"].items():
+            m = r["classes"][label]
+            lines.append(f"| {label} | {ebr} | {_fmt(m['precision'])} | {_fmt(m['recall'])} | {_fmt(m['f1'])} | "
+                         f"{_fmt(m['error_rate'])} | {m['n_ref']} | {m['insertions']} |")
+    lines.append("")
+    lines.append("| EBR dB | F1 (class mean) | ER (class mean) |")
+    lines.append("|---:|---:|---:|")
+    for ebr, r in mixr["per_ebr"].items():
+        lines.append(f"| {ebr} | {_fmt(r['f1_macro'])} | {_fmt(r['error_rate_macro'])} |")
+    lines.append("")
+    fa = result["false_alarms"]
+    lines.append(f"False alarms on {fa['hours']:.2f} h of validation negatives (no events):")
+    lines.append("")
+    lines.append("| class | false alarms | per hour | main causes |")
+    lines.append("|---|---:|---:|---|")
+    for label in labels:
+        causes = ", ".join(f"{k} x{v}" for k, v in list(fa["causes"][label].items())[:4])
+        lines.append(f"| {label} | {fa['false_alarms'][label]} | {fa['per_hour'][label]:.2f} | {causes} |")
+    lines.append("")
+    lines.append("| class / source | recall (all EBRs) | events |")
+    lines.append("|---|---:|---:|")
+    for key, v in mixr["recall_by_source"].items():
+        lines.append(f"| {key} | {_fmt(v['recall'])} | {v['n']} |")
+    return "\n".join(lines)
+
+
+def _plain(obj):
+    """JSON-safe copy: NaN becomes null, numpy scalars become Python numbers, dict keys strings."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return None if not np.isfinite(obj) else round(float(obj), 6)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", default=str(data.default_data_dir()), help="data folder with index.csv")
+    ap.add_argument("--model", default="models/earshot.pt", help="checkpoint to evaluate")
+    ap.add_argument("--calibrate", action="store_true", help="choose per-class thresholds and re-save the checkpoint")
+    ap.add_argument("--target-fa-per-hour", type=float, default=1.0, help="false alarms per hour per class to calibrate for")
+    ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the stream layout")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+
+    from earshot.model import CheckpointError, load_checkpoint, save_checkpoint
+
+    torch.set_num_threads(args.threads)
+    t_start = time.monotonic()
+    try:
+        loaded = load_checkpoint(args.model)
+        clips = data.read_index(args.data)
+        _, val = data.split(clips)
+        audio = data.load_all(args.data, val)
+    except (CheckpointError, data.DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    labels = list(loaded.labels)
+    sr = loaded.frontend.sample_rate
+    items = list(zip(val, audio))
+
+    def parts(half: str | None):
+        sel = [(c, x) for c, x in items if half is None or half_of(c.group) == half]
+        events = [trim_event(c, x, sr) for c, x in sel if c.label in labels and len(x) >= loaded.frontend.win_length]
+        negatives = [(c, x) for c, x in sel if c.label == data.NEGATIVE]
+        return events, negatives
+
+    result: dict = {
+        "model": str(args.model),
+        "model_provenance": {k: loaded.provenance.get(k) for k in ("git_commit", "date", "steps", "seed", "command")},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_index_sha256": data.index_sha256(args.data),
+        "collar_s": COLLAR_S,
+        "metric": "DCASE 2017 task 2 event-based, onset only, 0.5 s collar; ER = (deletions + insertions) / references per class",
+    }
+    if args.calibrate:
+        ev_cal, neg_cal = parts("cal")
+        log.info("calibration half: %d events, %d negatives", len(ev_cal), len(neg_cal))
+        mix_cal = build_mixtures(ev_cal, neg_cal, args.seed)
+        hops_by_ebr = {ebr: run_streams(s, loaded, keep_hops=True)[1] for ebr, s in mix_cal.streams.items() if ebr in (0.0, -6.0)}
+        fa_s, _ = fa_streams(neg_cal, args.seed)
+        _, fa_hops = run_streams(fa_s, loaded, keep_hops=True)
+        fa_hours = sum(len(x) for x in fa_s) / sr / 3600
+        thresholds, info = calibrate(mix_cal, hops_by_ebr, fa_hops, fa_hours, loaded, args.target_fa_per_hour)
+        log.info("calibrated thresholds: %s", thresholds)
+        for label, note in info["notes"].items():
+            log.warning("%s: %s", label, note)
+        prov = dict(loaded.provenance)
+        prov["calibration"] = {
+            "target_fa_per_hour": args.target_fa_per_hour,
+            "thresholds": thresholds,
+            "calibration_negative_hours": round(fa_hours, 3),
+            "notes": info["notes"],
+            "date": result["date"],
+            "method": "lowest threshold with FA/h <= target on the calibration half of the validation groups",
+        }
+        save_checkpoint(args.model, loaded.model, labels, loaded.frontend, thresholds, prov)
+        loaded = load_checkpoint(args.model)
+        result["calibration"] = {"thresholds": thresholds, "target_fa_per_hour": args.target_fa_per_hour,
+                                 "calibration_negative_hours": fa_hours, "notes": info["notes"], "sweep": info["sweep"]}
+        report_half = "report"
+    else:
+        report_half = None
+    result["thresholds"] = dict(loaded.thresholds)
+    result["reported_on"] = "report half of the validation groups" if report_half else "all validation groups"
+    events, negatives = parts(report_half)
+    log.info("evaluating on %s: %d events, %d negatives", result["reported_on"], len(events), len(negatives))
+    mix = build_mixtures(events, negatives, args.seed)
+    est_by_ebr = {}
+    for ebr, streams in mix.streams.items():
+        est_by_ebr[ebr], _ = run_streams(streams, loaded)
+        log.info("EBR %+.0f dB: %d streams, %d reference events, %d detections", ebr, len(streams), len(mix.refs[ebr]),
+                 len(est_by_ebr[ebr]))
+    result["mixtures"] = mixture_report(mix, est_by_ebr, labels)
+    result["mixtures"]["streams_per_ebr"] = len(mix.streams[EBRS_DB[0]])
+    fa_s, fa_spans = fa_streams(negatives, args.seed)
+    fa_est, _ = run_streams(fa_s, loaded)
+    result["false_alarms"] = fa_report(fa_est, fa_s, fa_spans, labels)
+    result["wall_time_s"] = round(time.monotonic() - t_start, 1)
+    table = markdown(result, labels)
+    result["markdown"] = table
+    print(table)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(_plain(result), indent=1, allow_nan=False) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
