@@ -526,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
         fa_s, _ = fa_streams(neg_cal, args.seed)
         _, fa_hops = run_streams(fa_s, loaded, keep_hops=True)
         fa_hours = sum(len(x) for x in fa_s) / sr / 3600
+        if fa_hours == 0 or not ev_cal:
+            print("error: the calibration half of the validation groups has no negatives or no events", file=sys.stderr)
+            return 2
         thresholds, info = calibrate(mix_cal, hops_by_ebr, fa_hops, fa_hours, loaded, args.target_fa_per_hour)
         log.info("calibrated thresholds: %s", thresholds)
         for label, note in info["notes"].items():
