@@ -147,3 +147,17 @@ def test_pool_scores_matches_torch() -> None:
     rows = np.random.default_rng(2).standard_normal((4, 70, 6)).astype(np.float32) * 30
     want = torch.sigmoid(attention_pool(torch.from_numpy(rows[..., :3]), torch.from_numpy(rows[..., 3:]))).numpy()
     np.testing.assert_allclose(pool_scores(rows, 3), want, atol=1e-6)
+
+
+def test_backend_modules_do_not_import_torch() -> None:
+    """earshot.backend, earshot.modelspec and earshot.analyzer import without torch (ONNX-only daemons)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, earshot.backend, earshot.modelspec, earshot.analyzer; print('torch' in sys.modules)"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "daemon"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

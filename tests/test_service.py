@@ -161,3 +161,38 @@ def test_call_soon_runs_in_worker(monkeypatch, loaded):
     assert seen == ["earshot-worker"]
     svc.stop.set()
     assert svc.supervise() == 0
+
+
+def test_reload_keeps_unchanged_sources(monkeypatch, loaded):
+    """A reload adds and removes sources and applies new thresholds, while an unchanged source keeps
+    its capture and analyzer (no audio lost); an invalid file is ignored."""
+    from earshot.config import ConfigError, DetectConfig
+
+    captures = [FakeCapture(), FakeCapture(), FakeCapture()]
+    svc = _service(monkeypatch, loaded, captures[:1])
+    svc.start()
+    it = iter(captures[1:])
+    monkeypatch.setattr(service_mod, "make_capture", lambda cfg, sr, stop: next(it))
+    kept = svc.streams[0]
+    time.sleep(0.3)
+    new = Config(sources=(SourceConfig(name="s0", kind="demo"), SourceConfig(name="extra", kind="demo")),
+                 detect=DetectConfig(thresholds={"alarm": 0.42}))
+    svc.reload_config = lambda: new
+    svc.reload()
+    time.sleep(0.3)
+    assert [s.source.name for s in svc.streams] == ["s0", "extra"]
+    assert svc.streams[0] is kept and kept.analyzer.seconds_in > 0.5
+    assert all(s.analyzer.detector.thresholds["alarm"] == 0.42 for s in svc.streams)
+
+    def bad():
+        raise ConfigError(["detect.hold_s: must be 0 or more"])
+
+    svc.reload_config = bad
+    svc.reload()  # logged and ignored
+    assert [s.source.name for s in svc.streams] == ["s0", "extra"]
+    svc.reload_config = lambda: Config(sources=(SourceConfig(name="extra", kind="demo"),))
+    svc.reload()
+    time.sleep(0.3)
+    assert [s.source.name for s in svc.streams] == ["extra"] and captures[0].stopped
+    svc.stop.set()
+    assert svc.supervise() == 0

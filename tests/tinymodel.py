@@ -34,6 +34,9 @@ TINY_BATCH = 48
 """Windows per step of the tiny run."""
 BANK_MIXTURES = 1200
 """Mixtures made once and cut into windows; training samples windows from this bank."""
+TINY_THRESHOLD = 0.7
+"""Decision threshold of every class: synthetic events score above 0.9, room tone below 0.5 (measured
+on held-out seeds), so 0.7 leaves a margin on both sides."""
 POOL_SEED = 1234
 """Seed of the pre-generated sound pool (distinct from the scene seeds the tests use)."""
 
@@ -55,7 +58,7 @@ class SynthPool:
         self.backgrounds = [synth.background(sr, 8.0, rng) for _ in range(n_backgrounds)]
         # Sirens are unlabelled in synth scenes; knocks and thuds are the clutter that must not fire.
         self.distractors = [synth.siren(sr, rng.uniform(1.0, 3.0), rng) for _ in range(n_events // 4)]
-        self.distractors += [knock(sr, rng) for _ in range(n_events)]
+        self.distractors += [knock(sr, rng) for _ in range(2 * n_events)]
 
     @staticmethod
     def _picker(items: list[np.ndarray]):
@@ -63,7 +66,8 @@ class SynthPool:
 
     def mixer(self, frontend: FrontendParams = FrontendParams()) -> augment.Mixer:
         """A Mixer over the pool with the training recipe's augmentation (milder channel filtering)."""
-        cfg = augment.MixConfig(p_channel=0.1, ebr_db=(-3.0, 15.0), p_no_event=0.35)
+        cfg = augment.MixConfig(p_channel=0.1, ebr_db=(-3.0, 15.0), p_no_event=0.35, p_distractor=0.7,
+                                distractor_ebr_db=(0.0, 20.0))
         return augment.Mixer(
             synth.LABELS,
             {label: self._picker(clips) for label, clips in self.events.items()},
@@ -75,16 +79,26 @@ class SynthPool:
 
 
 def knock(sr: int, rng: np.random.Generator) -> np.ndarray:
-    """A hard negative for the synthetic world: a thud, knock or click, alone or in a short series (peak 0.9)."""
+    """A hard negative for the synthetic world: thuds, knocks, clicks and rustles, alone or in a short series.
+
+    Like the soft clutter in `synth.background` (things put down, switches, paper), but drawn louder
+    and more often, since a thud's low boom is what the synthetic gunshot shares with it. Peak 0.9.
+    """
     out = np.zeros(int(rng.uniform(0.3, 1.2) * sr))
     for _ in range(int(rng.integers(1, 4))):
-        n = int(rng.uniform(0.02, 0.25) * sr)
-        t = np.arange(n) / sr
-        if rng.random() < 0.5:  # thud / knock: low resonance plus a little noise
-            x = np.sin(2 * np.pi * rng.uniform(60.0, 400.0) * t) + rng.uniform(0.1, 0.6) * rng.standard_normal(n)
-        else:  # click / tap: filtered noise burst
-            x = np.diff(rng.standard_normal(n + 1)) * rng.uniform(0.3, 1.0)
-        x *= np.exp(-t / rng.uniform(0.005, 0.06))
+        kind = rng.integers(0, 3)
+        if kind == 0:  # thud: low resonance plus low-passed noise
+            n = int(rng.uniform(0.08, 0.3) * sr)
+            t = np.arange(n) / sr
+            noise = np.cumsum(rng.standard_normal(n)) * 0.02
+            x = np.sin(2 * np.pi * rng.uniform(60.0, 300.0) * t) + rng.uniform(0.1, 0.6) * (noise - noise.mean())
+            x *= np.exp(-t / rng.uniform(0.015, 0.08))
+        elif kind == 1:  # knock / click: a short noise burst
+            n = int(rng.uniform(0.005, 0.05) * sr)
+            x = np.diff(rng.standard_normal(n + 1)) * np.exp(-np.arange(n) / (rng.uniform(0.002, 0.01) * sr))
+        else:  # rustle
+            n = int(rng.uniform(0.2, 0.8) * sr)
+            x = np.diff(rng.standard_normal(n + 1)) * np.hanning(n) * 0.5
         i0 = int(rng.integers(0, max(1, len(out) - n)))
         m = min(n, len(out) - i0)
         out[i0 : i0 + m] += x[:m]
@@ -110,7 +124,7 @@ class ExampleBank:
 def train_tiny_checkpoint(path: str | Path, seed: int = 0, steps: int = TINY_STEPS) -> Path:
     """Train the tiny synthetic-sound model and save it to `path`; returns the path.
 
-    Takes about 20-30 s on one core. Thresholds are 0.5; provenance says it is a test model.
+    Takes about 20-30 s on one idle core. Thresholds are TINY_THRESHOLD; provenance says it is a test model.
     """
     frontend = FrontendParams()
     bank = ExampleBank(SynthPool().mixer(frontend), BANK_MIXTURES, seed)
@@ -128,5 +142,6 @@ def train_tiny_checkpoint(path: str | Path, seed: int = 0, steps: int = TINY_STE
         "final_train_loss": round(stats.final_loss, 5),
     }
     path = Path(path)
-    save_checkpoint(path, model, list(synth.LABELS), frontend, {label: 0.5 for label in synth.LABELS}, provenance)
+    thresholds = {label: TINY_THRESHOLD for label in synth.LABELS}
+    save_checkpoint(path, model, list(synth.LABELS), frontend, thresholds, provenance)
     return path

@@ -30,10 +30,14 @@ def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
 
 
-def _config(path: str | None) -> Config:
+def _config_path(path: str | None) -> str | None:
     if path is None and DEFAULT_CONFIG.is_file():
-        path = str(DEFAULT_CONFIG)
-    return load_config(path)
+        return str(DEFAULT_CONFIG)
+    return path
+
+
+def _config(path: str | None) -> Config:
+    return load_config(_config_path(path))
 
 
 def _load_model(config: Config):
@@ -50,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .analyzer import hop_frames
     from .capture import has_input_device
     from .detect import make_rules
+    from .integrations import attach
+    from .metrics import attach_metrics
     from .publish import Fanout, make_publishers
     from .service import Service
 
@@ -70,14 +76,25 @@ def cmd_run(args: argparse.Namespace) -> int:
     _LOGGER.info("earshot %s, model %s; thresholds %s", __version__, loaded.provenance.get("name", "earshot"),
                  ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
-    service = Service(config, loaded, publisher)
+    path = _config_path(args.config)
+    service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None)
+    attach_metrics(service)  # Prometheus endpoint ([metrics]); logs and carries on if it cannot serve
+    try:
+        integrations = attach(service, config, publisher)  # control, Home Assistant, clips, score feed
+    except BaseException:
+        publisher.close(timeout_s=1.0)
+        raise
     service.install_signal_handlers()
     try:
         service.start()
     except BaseException:
+        integrations.close(1.0)
         publisher.close(timeout_s=1.0)
         raise
-    return service.supervise()
+    try:
+        return service.supervise()
+    finally:
+        integrations.close()  # writes clips still waiting for post-roll
 
 
 def cmd_detect(args: argparse.Namespace) -> int:
@@ -127,6 +144,64 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from .monitor import LocalFeed, MonitorState, ZmqFeed, run_monitor
+
+    _setup_logging("debug" if args.debug else "error")  # log lines would tear the screen
+    if args.zmq:
+        try:
+            feed = ZmqFeed(args.zmq, args.source, MonitorState)
+        except ValueError as e:
+            print(f"earshot: {e}", file=sys.stderr)
+            return 2
+    else:
+        config = _config(args.config)
+        if args.file:
+            source = SourceConfig(name="file", kind="file", path=args.file, realtime=not args.fast, loop=args.loop)
+        elif args.device is not None:
+            device = int(args.device) if args.device.isdigit() else args.device
+            source = SourceConfig(name="mic", kind="mic", device=device)
+        elif args.demo:
+            source = SourceConfig(name="demo", kind="demo", loop=True)
+        else:
+            chosen = [s for s in config.active_sources if args.source in (None, s.name)]
+            if not chosen:
+                print(f"earshot: no enabled source named {args.source!r} in the configuration", file=sys.stderr)
+                return 2
+            source = chosen[0]
+        feed = LocalFeed(config, _load_model(config), source, MonitorState)
+    return run_monitor(feed, color=False if args.no_color else None, duration_s=args.duration,
+                       exit_at_end=args.exit_at_end)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import PlotError, plot_file
+
+    config = _config(args.config)
+    _setup_logging("debug" if args.debug else "warning")
+    out = Path(args.output) if args.output else Path(Path(args.file).with_suffix(".png").name)
+    loaded = _load_model(config)
+    try:
+        analysis = plot_file(args.file, out, loaded, config.detect, config.frontend)
+    except PlotError as e:
+        print(f"earshot: {e}", file=sys.stderr)
+        return 1
+    n = sum(1 for e in analysis.events if e.type == "start")
+    print(f"{out}: {analysis.samples.size / analysis.sample_rate:.1f} s, {len(analysis.hops)} hops, {n} detection(s)")
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from .install import InstallError, install_service
+
+    try:
+        return install_service(args.root, dry_run=args.dry_run, exec_argv=[args.exec] if args.exec else None,
+                               enable=not args.no_enable, start=not args.no_start)
+    except InstallError as e:
+        print(f"earshot: {e}", file=sys.stderr)
+        return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="earshot", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +241,36 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("monitor", help="live terminal view: level, spectrogram, scores, events")
+    common(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--file", metavar="FILE", help="analyse an audio file, played at real time")
+    where.add_argument("--device", metavar="DEV", help="analyse a microphone: PortAudio index or part of its name")
+    where.add_argument("--demo", action="store_true", help="analyse the generated demo scene")
+    where.add_argument("--zmq", metavar="ENDPOINT",
+                       help="watch a running daemon's score feed, e.g. tcp://127.0.0.1:5556 (no model loaded here)")
+    p.add_argument("--source", metavar="NAME", help="which source to show (default: the first)")
+    p.add_argument("--fast", action="store_true", help="--file: as fast as the CPU allows, not at real time")
+    p.add_argument("--loop", action="store_true", help="--file: start again at the end")
+    p.add_argument("--no-color", action="store_true", help="shading characters only (also: NO_COLOR=1)")
+    p.add_argument("--duration", type=float, metavar="S", help="quit after S seconds")
+    p.add_argument("--exit-at-end", action="store_true", help="quit when a file ends (default: keep the last view)")
+    p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("plot", help="plot waveform, level, spectrogram, scores and detections of a recording")
+    common(p)
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", metavar="OUT", help="image to write (.png, .svg, .pdf); default FILE.png here")
+    p.set_defaults(func=cmd_plot)
+
+    p = sub.add_parser("install-service", help="install the systemd service: user, unit, config, state directory")
+    p.add_argument("--root", default="/", help="install into this root directory instead of / (images, tests)")
+    p.add_argument("--dry-run", action="store_true", help="print the steps, change nothing")
+    p.add_argument("--exec", metavar="PATH", help="earshot executable for ExecStart (default: this installation's)")
+    p.add_argument("--no-enable", action="store_true", help="do not enable the unit")
+    p.add_argument("--no-start", action="store_true", help="enable but do not start it now")
+    p.set_defaults(func=cmd_install_service)
     return parser
 
 

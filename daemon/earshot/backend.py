@@ -204,7 +204,7 @@ class SingleStepScorer:
 
 
 def step_score_windows(
-    step: StepFn, dims: CnnDims, feats: np.ndarray, chunk_frames: int, hop_frames: int, segment_frames: int = 4096
+    step: StepFn, dims: CnnDims, feats: np.ndarray, chunk_frames: int, hop_frames: int, segment_frames: int = 1024
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offline scores through a step function: the file streamed in big segments, windows pooled at once."""
     big_l = check_window(dims, chunk_frames, hop_frames)

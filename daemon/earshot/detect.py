@@ -119,6 +119,17 @@ class Detector:
             track.state, track.count = _State.IDLE, 0
         return events
 
+    def set_rules(self, rules: dict[str, LabelRule]) -> None:
+        """Replace the decision rules (config reload); labels that stay keep their state, events included."""
+        for label in list(self.tracks):
+            if label not in rules:
+                del self.tracks[label]  # an event in progress on a label no longer reported is dropped
+        for label, rule in rules.items():
+            if label in self.tracks:
+                self.tracks[label].rule = rule
+            else:
+                self.tracks[label] = _Track(rule)
+
     def set_threshold(self, label: str, threshold: float, hysteresis: float) -> None:
         """Change a label's threshold at run time (the exit threshold follows); raises KeyError if unknown."""
         track = self.tracks[label]

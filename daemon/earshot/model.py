@@ -337,14 +337,15 @@ def score_windows(
     feats: np.ndarray,
     chunk_frames: int,
     hop_frames: int,
-    segment_frames: int = 4096,
+    segment_frames: int = 512,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offline scores of every window, the same numbers as `StreamingScorer`.
 
     feats (T, n_mels) -> end_frames (N,) int64 and scores (N, C) float32, one row per window
     ending at chunk_frames + k*hop_frames <= T. Embeddings are computed over the whole file
     in segments overlapping by R - 1 frames (bounded memory for hour-long files), then all
-    windows are pooled at once.
+    windows are pooled at once. 512-frame segments keep each layer's activations in cache:
+    about 2.5x faster on one thread than 4096 (tools/bench.py, offline column).
     """
     big_l = _check_window(model, chunk_frames, hop_frames)
     dims = model.dims

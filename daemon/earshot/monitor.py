@@ -164,6 +164,14 @@ def _bar(fraction: float, width: int, mark: float | None = None) -> str:
     return "".join(cells)
 
 
+def _scale(indent: int, width: int, left: str, mid: str, right: str) -> str:
+    """An axis under a bar that starts after `indent` characters: `left` at its start, `right` at its end."""
+    cells = [" "] * (indent + width + 1)
+    for text, at in ((left, indent), (mid, indent + width // 2 - len(mid) // 2), (right, indent + width - len(right))):
+        cells[at:at + len(text)] = list(text)
+    return "".join(cells)
+
+
 def _spectrogram(columns: list[np.ndarray], rows: int, width: int, color: bool) -> list[str]:
     """Mel columns (oldest first) drawn as `rows` lines, high bands on top, right-aligned in `width` cells."""
     cols = [c for c in columns if c.size][-width:]
@@ -197,17 +205,17 @@ def _event_line(event: Event) -> str:
 
 
 def render(state: MonitorState, cols: int = 80, rows: int = 24, color: bool = True) -> list[str]:
-    """One frame as lines of at most `cols` visible characters (ANSI colour codes not counted)."""
-    cols = max(40, cols)
+    """One frame as lines of at most `cols` visible characters (ANSI colour codes not counted; 60 at least)."""
+    cols = max(60, cols)
     name_w = max([len(x) for x in state.labels] + [5]) + 1
     lines: list[str] = []
-    head = f"earshot monitor · {state.title} · t {state.t_end:.1f} s · {state.status}"
+    head = f"earshot monitor · t {state.t_end:.1f} s · {state.status} · {state.title}"
     if len(state.sources_seen) > 1:
         head += f" · sources: {', '.join(sorted(state.sources_seen))}"
     lines.append(_fg(250, head[:cols - 8].ljust(cols - 8) + "  q quit", color))
 
     # Level meter from METER_MIN_DBFS to 0 dBFS.
-    bar_w = max(10, cols - 36)
+    bar_w = max(10, cols - 41)
     span = -METER_MIN_DBFS
 
     def pos(db: float) -> float:
@@ -221,7 +229,7 @@ def render(state: MonitorState, cols: int = 80, rows: int = 24, color: bool = Tr
     warn = " CLIP" if state.peak > -1.0 else (" quiet" if state.gate_dbfs is not None and level < state.gate_dbfs else "")
     meter_c = _fg(196 if warn == " CLIP" else (40 if level > -60 else 244), meter, color)
     lines.append(f"level {level:7.1f} dBFS ▕{meter_c}▏ peak {state.peak:6.1f}{warn}")
-    scale = f"{'':18}{int(METER_MIN_DBFS)}" + f"{-span / 2:.0f}".center(bar_w - 6) + "0"
+    scale = _scale(20, bar_w, f"{METER_MIN_DBFS:.0f}", f"{METER_MIN_DBFS / 2:.0f}", "0")
     if state.gate_dbfs is not None:
         scale += f"  | gate {state.gate_dbfs:.0f}"
     lines.append(_fg(244, scale, color))
@@ -235,8 +243,8 @@ def render(state: MonitorState, cols: int = 80, rows: int = 24, color: bool = Tr
         tag = "high" if i == 0 else ("low " if i == len(spec) - 1 else "    ")
         lines.append(f"{tag} ▕{row}")
 
-    lines.append(_fg(250, f"{'scores':<{name_w}}       0{'':{max(1, cols - name_w - 31)}}1  threshold", color))
     sbar_w = max(10, cols - name_w - 30)
+    lines.append(_fg(250, "scores".ljust(name_w + 7) + _scale(1, sbar_w, "0", "0.5", "1")[:-1] + "   threshold", color))
     for i, label in enumerate(state.labels):
         s = float(state.scores[i]) if i < len(state.scores) else 0.0
         t = state.thresholds[i] if i < len(state.thresholds) else math.nan

@@ -16,14 +16,15 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import numpy as np
 
 from .analyzer import Hop, StreamAnalyzer
-from .capture import Capture, make_capture
-from .config import Config, SourceConfig
+from .capture import Capture, CaptureError, make_capture
+from .config import Config, ConfigError, SourceConfig
+from .detect import make_rules
 from .events import Event
 from .model import LoadedModel
 from .publish import Fanout
@@ -123,6 +124,10 @@ class Worker(threading.Thread):
             if not stream.done:
                 self._emit(stream, stream.analyzer.finish())
 
+    def publish_all(self, stream: Stream, events: list[Event]) -> None:
+        """Pass events through the taps and publish them (worker thread only)."""
+        self._emit(stream, events)
+
     def _emit(self, stream: Stream, events: list[Event]) -> None:
         for event in events:
             for tap in self.taps:
@@ -136,8 +141,11 @@ class Service:
     """Runs the configured sources until stopped or until every finite source has ended."""
 
     def __init__(self, config: Config, loaded: LoadedModel, publisher: Fanout,
-                 notifier: Notifier | None = None, taps: list[Tap] | None = None):
+                 notifier: Notifier | None = None, taps: list[Tap] | None = None,
+                 reload_config: Callable[[], Config] | None = None):
         self.config, self.loaded, self.publisher = config, loaded, publisher
+        self.reload_config = reload_config
+        self.reload_requested = threading.Event()
         self.notifier = notifier or Notifier()
         self.taps = list(taps or [])
         self.stop = threading.Event()
@@ -151,6 +159,8 @@ class Service:
             self.stop.set()
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        if self.reload_config is not None:
+            signal.signal(signal.SIGHUP, lambda _s, _f: self.reload_requested.set())
 
     def start(self) -> None:
         """Open every source and start the worker; raises CaptureError if a source cannot open."""
@@ -170,7 +180,8 @@ class Service:
         _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
         self.notifier.ready(f"listening on {names}")
 
-    def _analyzer(self, source: SourceConfig) -> StreamAnalyzer:
+    def _analyzer(self, source: SourceConfig, config: Config | None = None) -> StreamAnalyzer:
+        config = config or self.config
         holder: list[StreamAnalyzer] = []
 
         def on_hop(hop: Hop) -> None:
@@ -179,7 +190,7 @@ class Service:
 
         # Live audio: the newest sample is "now", so a stream time maps to now minus the audio since.
         analyzer = StreamAnalyzer(
-            self.loaded, self.config.frontend, self.config.detect, source=source.name, node=self.config.node,
+            self.loaded, config.frontend, config.detect, source=source.name, node=config.node,
             to_wall=lambda t: time.time() - (holder[0].seconds_in - t), on_hop=on_hop if self.taps else None,
         )
         holder.append(analyzer)
@@ -193,6 +204,9 @@ class Service:
         while not self.stop.wait(ping_s):
             if not self.worker.is_alive():
                 break  # it failed, or every source was finite and has ended
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
             now = time.monotonic()
             if now - self.worker.heartbeat > STALL_S:
                 _LOGGER.error("the detection worker has stalled for %.0f s; not feeding the watchdog",
@@ -203,6 +217,59 @@ class Service:
                 next_stats = now + STATS_EVERY_S
                 self.log_health()
         return self.shutdown()
+
+    def reload(self) -> None:
+        """Apply a changed configuration file without stopping unchanged sources (SIGHUP).
+
+        Detection settings apply to every stream at its next hop; added sources start, removed or
+        changed ones stop (only they lose audio); changes to the model or publishers need a restart.
+        An invalid file is reported and ignored.
+        """
+        assert self.reload_config is not None and self.worker is not None
+        self.notifier.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.monotonic_ns() // 1000))
+        try:
+            new = self.reload_config()
+        except ConfigError as e:
+            _LOGGER.error("reload ignored: %s", e)
+            self.notifier.ready("reload ignored: invalid configuration")
+            return
+        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node"):
+            if getattr(new, section) != getattr(self.config, section):
+                _LOGGER.warning("reload: [%s] changed; restart earshot to apply it", section)
+        old_sources = {s.name: s for s in self.config.active_sources}
+        new_sources = {s.name: s for s in new.active_sources}
+        keep = {n for n in old_sources if new_sources.get(n) == old_sources[n]}
+        rules = make_rules(self.loaded.labels, self.loaded.thresholds, new.detect)
+        added: list[Stream] = []
+        for name, source in new_sources.items():
+            if name in keep:
+                continue
+            try:
+                capture = make_capture(source, self.loaded.frontend.sample_rate, self.stop)
+                capture.start()
+            except CaptureError as e:
+                _LOGGER.error("reload: source %r not started: %s", name, e)
+                continue
+            added.append(Stream(source, capture, self._analyzer(source, new)))
+        gone = [s for s in self.streams if s.source.name not in keep]
+
+        def apply() -> None:  # in the worker thread, between two reads
+            for stream in gone:
+                stream.done = True
+                self.worker.publish_all(stream, stream.analyzer.finish())
+            self.streams[:] = [s for s in self.streams if s not in gone] + added
+            for stream in self.streams:
+                stream.analyzer.detector.set_rules(rules)
+                stream.analyzer.min_level_dbfs = new.detect.min_level_dbfs
+
+        self.worker.call_soon(apply)
+        for stream in gone:
+            stream.capture.stop()
+        self.config = replace(new, model=self.config.model, frontend=self.config.frontend, mqtt=self.config.mqtt,
+                              zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node)
+        _LOGGER.info("configuration reloaded: %d source(s) kept, %d started, %d stopped",
+                     len(keep), len(added), len(gone))
+        self.notifier.ready(f"listening on {', '.join(s.name for s in self.config.active_sources)}")
 
     def shutdown(self) -> int:
         """Stop the worker and captures (bounded), flush publishers; returns the exit code."""

@@ -129,7 +129,7 @@ def make_publishers(config: Any) -> list[Publisher]:
         if config.mqtt.enabled:
             from earshot.publish.mqtt import MqttPublisher
 
-            made.append(MqttPublisher(config.mqtt, node=config.node))
+            made.append(MqttPublisher(config.mqtt, node=config.node, state_dir=getattr(config, "state_dir", None)))
         if config.stdout.enabled:
             from earshot.publish.stdout import StdoutPublisher
 

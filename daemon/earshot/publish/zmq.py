@@ -1,8 +1,15 @@
 """ZeroMQ publisher: a PUB socket sending multipart `[topic, event JSON]`.
 
 The topic is `event.<source>.<label>` so a SUB socket can filter by prefix
-(`event.` for everything, `event.kitchen.` for one source). PUB never blocks: a slow
-or absent subscriber just misses messages, which is ZeroMQ's documented semantics.
+(`event.` for everything, `event.kitchen.` for one source). The optional score feed
+(`earshot.scores`) sends `scores.<source>` through the same socket (`send()`). PUB never
+blocks: a slow or absent subscriber just misses messages, which is ZeroMQ's documented
+semantics.
+
+With `curve_secret_file` set the socket is a CURVE server: traffic is encrypted and a
+subscriber must know the server's public key (logged at start). Generate a key pair with
+`python -c "import zmq; print(zmq.curve_keypair())"` (public, secret); put the secret in
+the file. Any client that knows the public key may subscribe (no client allow-list).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -21,6 +29,26 @@ log = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "event."
 """Prefix of every topic frame; subscribe to it to get all events."""
+
+
+def read_curve_secret(path: str) -> bytes:
+    """The Z85 secret key in `path`: a bare 40-character line, or a zmq.auth `secret-key = "..."` file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise PublishError(f"cannot read zmq.curve_secret_file {path}: {e}") from None
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("secret-key"):
+            line = line.split("=", 1)[1].strip().strip('"')
+        if len(line) == 40:
+            try:
+                zmq.curve_public(line.encode("ascii"))
+            except (zmq.ZMQError, ValueError, UnicodeEncodeError):
+                continue
+            return line.encode("ascii")
+    raise PublishError(f"zmq.curve_secret_file {path}: no 40-character Z85 secret key found; "
+                       'create one with: python -c "import zmq; print(zmq.curve_keypair())"')
 
 
 def zmq_topic(event: Event) -> bytes:
@@ -45,6 +73,19 @@ class ZmqPublisher:
         self._closed = False
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
+        self.public_key: str | None = None
+        """The CURVE server public key (Z85) when encryption is on."""
+        secret_file = getattr(config, "curve_secret_file", None)
+        if secret_file:
+            try:
+                secret = read_curve_secret(secret_file)
+            except PublishError:
+                self._socket.close(linger=0)
+                self._context.term()
+                raise
+            self._socket.curve_secretkey = secret
+            self._socket.curve_server = True
+            self.public_key = zmq.curve_public(secret).decode("ascii")
         try:
             self._socket.bind(config.endpoint)
         except zmq.ZMQError as e:
@@ -58,7 +99,11 @@ class ZmqPublisher:
             raise PublishError(f"cannot bind ZeroMQ to {config.endpoint}: {e.strerror}; check [zmq] endpoint") from None
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         """The bound endpoint, with the actual port when the config asked for `*`."""
-        log.info("publishing events on ZeroMQ %s", self.endpoint)
+        if self.public_key:
+            log.info("publishing events on ZeroMQ %s, CURVE encrypted; server public key %s", self.endpoint,
+                     self.public_key)
+        else:
+            log.info("publishing events on ZeroMQ %s", self.endpoint)
 
     def publish(self, event: Event, payload: bytes | None = None) -> None:
         """Send `[topic, json]`; never blocks or raises (a full queue or closed socket is counted)."""
@@ -75,6 +120,20 @@ class ZmqPublisher:
                 self.dropped += 1
                 return
             self.published += 1
+
+    def send(self, topic: bytes, payload: bytes) -> bool:
+        """Send another multipart `[topic, payload]` (the score feed) on the same socket; never blocks or raises.
+
+        Not counted in `published`/`dropped` (those count events); returns whether it was queued.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            try:
+                self._socket.send_multipart([topic, payload], flags=zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return False
+            return True
 
     def stats(self) -> dict[str, Any]:
         """Counters: `published`, `dropped`."""

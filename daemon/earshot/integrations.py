@@ -1,0 +1,102 @@
+"""Wires the integrations into a Service: run-time control, Home Assistant, clips, the score feed.
+
+`attach(service, config, publisher)` is called once by `earshot run` after the Service is built
+and before it starts; it appends the taps (in this order: control, Home Assistant, clips, score
+feed) and registers the MQTT hooks. `Integrations.close()` after the service has stopped writes
+the clips still waiting for post-roll and stops the clip server.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .publish import PublishError
+
+log = logging.getLogger(__name__)
+
+
+def _publisher(fanout: Any, name: str) -> Any | None:
+    return next((p for p in getattr(fanout, "publishers", []) if getattr(p, "name", "") == name), None)
+
+
+def _listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Integrations:
+    """What `attach` created; `close()` once the service has stopped."""
+
+    def __init__(self) -> None:
+        self.control: Any = None
+        self.homeassistant: Any = None
+        self.clips: Any = None
+        self.clip_server: Any = None
+        self.scores: Any = None
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Flush pending clips and stop the clip server (bounded); never raises."""
+        for part in (self.clips, self.clip_server):
+            if part is None:
+                continue
+            try:
+                part.close(timeout_s)
+            except Exception:  # noqa: BLE001 - shutdown must go on
+                log.exception("closing %s failed", type(part).__name__)
+
+
+def attach(service: Any, config: Any, publisher: Any) -> Integrations:
+    """Add the integrations' taps and MQTT hooks to `service`; raises PublishError (one line) on setup failure."""
+    from .control import Control
+    from .detect import make_rules
+
+    out = Integrations()
+    mqtt = _publisher(publisher, "mqtt")
+    zmq = _publisher(publisher, "zmq")
+    state_dir = Path(config.state_dir) if config.state_dir else None
+    if state_dir is not None:
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PublishError(f"cannot create state_dir {state_dir}: {e.strerror}") from None
+    else:
+        log.info("no state_dir: MQTT messages wait in memory only, run-time settings are not kept, no clips")
+
+    out.control = Control(service, config, mqtt if config.mqtt.control else None, state_dir)
+    service.taps.append(out.control)
+
+    if mqtt is not None and config.homeassistant.enabled:
+        from .homeassistant import HomeAssistant
+
+        labels = list(make_rules(service.loaded.labels, service.loaded.thresholds, config.detect))
+        out.homeassistant = HomeAssistant(mqtt, config, labels)
+        service.taps.append(out.homeassistant)
+
+    c = config.clips
+    clip_dir = Path(c.dir) if c.dir else (state_dir / "clips" if state_dir else None)
+    if c.enabled and clip_dir is not None:
+        from .clips import ClipRecorder, ClipServer
+
+        try:
+            out.clips = ClipRecorder(clip_dir, service.loaded.frontend.sample_rate, c.pre_s, c.post_s,
+                                     int(c.max_total_mb * 1_000_000), c.max_age_days * 86400.0)
+        except OSError as e:
+            raise PublishError(f"cannot use the clip directory {clip_dir}: {e.strerror}") from None
+        service.taps.append(out.clips)
+        if c.http:
+            host, port = _listen(c.listen)
+            try:
+                out.clip_server = ClipServer(clip_dir, host, port)
+            except OSError as e:
+                out.clips.close(1.0)
+                raise PublishError(f"cannot serve clips on {c.listen}: {e.strerror}; set [clips] listen "
+                                   "to another port or http = false") from None
+
+    if zmq is not None and config.zmq.scores:
+        from .scores import ScoreFeed
+
+        out.scores = ScoreFeed(zmq, service)
+        service.taps.append(out.scores)
+    return out
