@@ -182,7 +182,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(Path(args.file).with_suffix(".png").name)
     loaded = _load_model(config)
     try:
-        analysis = plot_file(args.file, out, loaded, config.detect, config.frontend)
+        analysis = plot_file(args.file, out, loaded, config.detect, config.frontend, dpi=args.dpi)
     except PlotError as e:
         print(f"earshot: {e}", file=sys.stderr)
         return 1
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", metavar="OUT", help="image to write (.png, .svg, .pdf); default FILE.png here")
+    p.add_argument("--dpi", type=int, default=80, help="resolution of the 12x10 inch figure (default 80)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("install-service", help="install the systemd service: user, unit, config, state directory")

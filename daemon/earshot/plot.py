@@ -161,8 +161,8 @@ def figure(analysis: Analysis, title: str = "") -> Any:
 
 
 def plot_file(path: str | Path, out: str | Path, loaded: LoadedModel, detect: DetectConfig | None = None,
-              frontend: FrontendConfig | None = None) -> Analysis:
-    """Analyse an audio file and write its figure to `out` (png, svg or pdf by extension)."""
+              frontend: FrontendConfig | None = None, dpi: int = 80) -> Analysis:
+    """Analyse an audio file and write its figure to `out` (png, svg or pdf by extension; 12x10 in at `dpi`)."""
     from .capture import iter_file_blocks
     from .offline import BLOCK_S
 
@@ -170,5 +170,5 @@ def plot_file(path: str | Path, out: str | Path, loaded: LoadedModel, detect: De
     samples = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     analysis = analyse(samples, loaded, detect, frontend)
     fig = figure(analysis, title=Path(path).name)
-    fig.savefig(out)
+    fig.savefig(out, dpi=dpi)
     return analysis
