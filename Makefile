@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 CONFIG ?= systemd/earshot.toml
 APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 ffmpeg tmux libasound2-plugins
 
-.PHONY: run test install install-test apt clean bench
+.PHONY: run test install install-test apt clean bench install-service
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install --quiet -e '.[test,train]'
+	$(PIP) install --quiet -e '.[test]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,6 +35,11 @@ run: install
 
 test: apt $(VENV)/.installed-test
 	$(VENV)/bin/pytest -q
+
+# As root: the earshot user, the systemd unit (ExecStart = this checkout's .venv), /etc/earshot/earshot.toml,
+# /var/lib/earshot, then enable --now. ROOT=/path installs into another root; DRY_RUN=1 only prints the steps.
+install-service: install
+	$(VENV)/bin/earshot install-service $(if $(ROOT),--root $(ROOT)) $(if $(DRY_RUN),--dry-run)
 
 bench: install
 	$(PY) tools/bench.py

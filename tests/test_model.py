@@ -318,23 +318,37 @@ def test_default_model_path() -> None:
 
 @pytest.mark.timeout(180)
 def test_bench_quick_runs_all_contenders(tmp_path: Path) -> None:
-    """tools/bench.py --quick runs and reports every contender (no timing assertions)."""
+    """tools/bench.py --quick runs and reports every contender, the daemon-like memory rows and the
+    many-streams section (no timing assertions); the ONNX rows never import torch."""
+    import importlib.util
+    import json
+
+    has_onnx = all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(REPO / "tools" / "bench.py"), "--quick", "--streams", "1,3", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=170,
     )
     assert proc.returncode == 0, proc.stderr
-    for name in ("earshot", "recompute", "seed-recipe", "yamnet-arch"):
+    names = {"earshot", "recompute", "seed-recipe", "yamnet-arch"} | ({"earshot-onnx"} if has_onnx else set())
+    for name in names:
         assert name in proc.stdout
-    import json
-
-    rows = json.loads(out.read_text())["contenders"]
-    assert {r["name"] for r in rows} == {"earshot", "recompute", "seed-recipe", "yamnet-arch"}
+    report = json.loads(out.read_text())
+    rows = report["contenders"]
+    assert {r["name"] for r in rows} == names
     for r in rows:
         assert r["cpu_s_per_audio_s"] > 0 and r["peak_rss_mb"] > 0
+        assert r["torch_imported"] == (r["name"] != "earshot-onnx")
+    daemons = {r["name"]: r for r in report["daemons"]}
+    assert daemons["daemon-torch"]["torch_imported"]
+    if has_onnx:
+        assert not daemons["daemon-onnx"]["torch_imported"]
+    backends = ["torch", "onnx"] if has_onnx else ["torch"]
+    assert [(r["backend"], r["streams"]) for r in report["streams"]] == [(b, n) for b in backends for n in (1, 3)]
+    for r in report["streams"]:
+        assert r["batched_pct_per_stream"] > 0 and r["independent_pct_per_stream"] > 0
 
 
 def test_scorers_leave_training_mode_alone() -> None:

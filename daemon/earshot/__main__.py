@@ -41,13 +41,12 @@ def _config(path: str | None) -> Config:
 
 
 def _load_model(config: Config):
-    import torch
+    """The configured model: a .pt checkpoint runs on torch, an .onnx export on ONNX Runtime (no torch)."""
+    from .backend import load_model
+    from .modelspec import default_model_path
 
-    from .model import default_model_path, load_checkpoint
-
-    torch.set_num_threads(config.model.threads)
     path = Path(config.model.path) if config.model.path else default_model_path()
-    return load_checkpoint(path)
+    return load_model(path, threads=config.model.threads)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -278,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .capture import CaptureError
-    from .model import CheckpointError
+    from .modelspec import CheckpointError
     from .publish import PublishError
 
     try:

@@ -124,6 +124,22 @@ class StepScorer:
         self._hist[i] = self._empty_hist()
         self.frames_seen[i] = 0
 
+    def rearrange(self, keep: Sequence[int | None]) -> None:
+        """New stream slots: slot j continues old slot keep[j], or starts fresh where keep[j] is None.
+
+        Sources added or removed at run time leave the others' context intact.
+        """
+        old_caches, old_hist, old_seen = self._caches, self._hist, self.frames_seen
+        self.n_streams = len(keep)
+        self._caches = [np.zeros((self.n_streams, *s), dtype=np.float32) for s in self._shapes]
+        self._hist = [self._empty_hist()] * self.n_streams
+        self.frames_seen = np.zeros(self.n_streams, dtype=np.int64)
+        for j, i in enumerate(keep):
+            if i is not None:
+                for new, old in zip(self._caches, old_caches):
+                    new[j] = old[i]
+                self._hist[j], self.frames_seen[j] = old_hist[i], old_seen[i]
+
     def push(self, frames_per_stream: Sequence[np.ndarray]) -> list[list[tuple[int, np.ndarray]]]:
         """Add one block of (T_i, n_mels) frames per stream; return each stream's completed windows."""
         if len(frames_per_stream) != self.n_streams:

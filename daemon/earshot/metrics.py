@@ -69,7 +69,6 @@ class MetricsTap:
         level = Gauge("earshot_level_dbfs", "RMS level of the latest hop (dBFS; -120 = silence or no audio yet).",
                       ["source"], registry=r)
         score = Gauge("earshot_score", "Latest class score (0..1).", ["source", "label"], registry=r)
-        threshold = Gauge("earshot_threshold", "Score that starts an event (0..1).", ["label"], registry=r)
         hops = Counter("earshot_hops_total", "Windows scored.", ["source"], registry=r)
         analyzed = Counter("earshot_samples_analyzed_total", "Samples handed to the detector.", ["source"], registry=r)
         lag = Gauge("earshot_hop_lag_seconds",
@@ -80,19 +79,13 @@ class MetricsTap:
                           ["source"], buckets=INFERENCE_BUCKETS_S, registry=r)
         events = Counter("earshot_events_total", "Events published, by label and type (start/end).",
                          ["source", "label", "type"], registry=r)
-        self._level = {s: level.labels(s) for s in sources}
-        self._hops = {s: hops.labels(s) for s in sources}
-        self._analyzed = {s: analyzed.labels(s) for s in sources}
-        self._lag = {s: lag.labels(s) for s in sources}
-        self._infer = {s: infer.labels(s) for s in sources}
-        self._score = {(s, lab): score.labels(s, lab) for s in sources for lab in loaded.labels}
-        self._events = {(s, lab, t): events.labels(s, lab, t) for s in sources for lab in labels for t in EVENT_TYPES}
-        self._events_family = events
-        for s in sources:
-            self._level[s].set(SILENCE_DBFS)
-        for lab, rule in make_rules(loaded.labels, loaded.thresholds, config.detect).items():
-            threshold.labels(lab).set(rule.threshold)
+        self._families = (level, hops, analyzed, lag, infer, score, events)
         self._labels = list(loaded.labels)
+        self._reported = labels
+        self._children: dict[str, tuple[Any, ...]] = {}
+        for s in sources:
+            self._source(s)
+        self._events_family = events
         self._mark: dict[str, float] = {}  # source -> when its last hop (or audio block) was handled
         self._arrival: dict[str, tuple[float, float]] = {}  # source -> (monotonic arrival, backlog s)
         self.errors = 0
@@ -111,9 +104,7 @@ class MetricsTap:
                 backlog_s = stream.capture.ring.available() / float(stream.capture.samplerate or 1)
             self._arrival[source] = (now, backlog_s)
             self._mark[source] = time.perf_counter()
-            child = self._analyzed.get(source)
-            if child is not None:
-                child.inc(samples.size)
+            self._source(source)[2].inc(samples.size)
         except Exception:  # noqa: BLE001 - a tap must never take the worker down
             self._failed()
 
@@ -123,34 +114,43 @@ class MetricsTap:
             now_pc = time.perf_counter()
             start = self._mark.get(source)
             self._mark[source] = now_pc
-            if source not in self._hops:
-                return  # a source added at run time: no series for it until the tap is rebuilt
-            self._hops[source].inc()
-            self._level[source].set(hop.level_dbfs)
-            for label, value in zip(self._labels, hop.scores):
-                self._score[(source, label)].set(float(value))
+            level, hops, _analyzed, lag, infer, scores = self._source(source)
+            hops.inc()
+            level.set(hop.level_dbfs)
+            for child, value in zip(scores, hop.scores):
+                child.set(float(value))
             if start is not None:
-                self._infer[source].observe(now_pc - start)
+                infer.observe(now_pc - start)
             arrival = self._arrival.get(source)
             stream = self._stream(source)
             if arrival is not None and stream is not None:
                 # The analyzer's newest sample arrived at `arrival`; the hop's end is older by the audio after it.
                 behind_s = max(0.0, stream.analyzer.seconds_in - hop.t_end)
-                self._lag[source].set(time.monotonic() - arrival[0] + arrival[1] + behind_s)
+                lag.set(time.monotonic() - arrival[0] + arrival[1] + behind_s)
         except Exception:  # noqa: BLE001 - a tap must never take the worker down
             self._failed()
 
     def on_event(self, event: Event) -> Event:
         """Count the event; returns it unchanged."""
         try:
-            key = (event.source, event.label, event.type)
-            child = self._events.get(key)
-            if child is None:
-                child = self._events[key] = self._events_family.labels(*key)
-            child.inc()
+            self._events_family.labels(event.source, event.label, event.type).inc()
         except Exception:  # noqa: BLE001 - a tap must never take the worker down
             self._failed()
         return event
+
+    def _source(self, source: str) -> tuple[Any, ...]:
+        """The per-source metric children (created, at zero, the first time: sources can be added by reload)."""
+        children = self._children.get(source)
+        if children is None:
+            level, hops, analyzed, lag, infer, score, events = self._families
+            children = (level.labels(source), hops.labels(source), analyzed.labels(source), lag.labels(source),
+                        infer.labels(source), [score.labels(source, lab) for lab in self._labels])
+            children[0].set(SILENCE_DBFS)
+            for lab in self._reported:
+                for kind in EVENT_TYPES:
+                    events.labels(source, lab, kind)
+            self._children[source] = children
+        return children
 
     def _stream(self, source: str) -> Any:
         for stream in self.service.streams:
@@ -212,6 +212,18 @@ class MetricsTap:
         yield from fams.values()
         yield backlog
         yield source_up
+
+        threshold = GaugeMetricFamily("earshot_threshold", "Score that starts an event (0..1), as applied now.",
+                                      labels=["source", "label"])
+        fallback = {k: r.threshold for k, r in
+                    make_rules(service.loaded.labels, service.loaded.thresholds, service.config.detect).items()}
+        for name in [s.name for s in service.config.active_sources]:
+            stream = streams.get(name)
+            detector = getattr(stream.analyzer, "detector", None) if stream is not None else None
+            current = getattr(detector, "thresholds", None) or fallback
+            for label, value in current.items():
+                threshold.add_metric([name, label], float(value))
+        yield threshold
 
         worker = service.worker
         age = GaugeMetricFamily("earshot_worker_heartbeat_age_seconds",

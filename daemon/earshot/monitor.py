@@ -86,7 +86,8 @@ class ScoreMessage:
             raise ValueError(f"not an earshot score message: schema {data.get('schema') if isinstance(data, dict) else None!r}")
         labels = tuple(str(x) for x in data["labels"])
         scores = np.asarray(data["scores"], dtype=np.float32)
-        thresholds = tuple(float(x) for x in data.get("thresholds") or [math.nan] * len(labels))
+        # A label the daemon does not report has a null threshold.
+        thresholds = tuple(math.nan if x is None else float(x) for x in data.get("thresholds") or [None] * len(labels))
         if len(scores) != len(labels) or len(thresholds) != len(labels):
             raise ValueError("labels, scores and thresholds differ in length")
         return cls(str(data.get("source", "?")), str(data.get("node", "?")), float(data["t_end"]),

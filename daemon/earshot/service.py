@@ -26,7 +26,7 @@ from .capture import Capture, CaptureError, make_capture
 from .config import Config, ConfigError, SourceConfig
 from .detect import make_rules
 from .events import Event
-from .model import LoadedModel
+from .backend import ScoringModel as LoadedModel
 from .publish import Fanout
 from .sdnotify import Notifier
 
@@ -75,13 +75,16 @@ class Worker(threading.Thread):
     """The one detection thread: reads every source, scores their hops, publishes their events.
 
     One thread for all sources keeps the daemon's footprint flat as microphones are added, and
-    lets their hops share forward passes.
+    their hops share one batched forward pass per loop (`multi_stream_scorer`).
     """
 
-    def __init__(self, streams: list[Stream], publish: Callable[[Event], None], taps: list[Tap],
-                 stop: threading.Event):
+    def __init__(self, streams: list[Stream], loaded: LoadedModel, publish: Callable[[Event], None],
+                 taps: list[Tap], stop: threading.Event):
         super().__init__(name="earshot-worker", daemon=True)
         self.streams, self.publish, self.taps, self.stop = streams, publish, taps, stop
+        first = streams[0].analyzer
+        self.scorer = loaded.multi_stream_scorer(first.params.chunk_frames, first.hop_frames, len(streams))
+        self.n_mels = first.params.n_mels
         self.heartbeat = time.monotonic()
         self.failed = False
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -89,6 +92,15 @@ class Worker(threading.Thread):
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the worker thread between two reads (for run-time changes from other threads)."""
         self.calls.put(fn)
+
+    def replace_streams(self, streams: list[Stream]) -> None:
+        """Swap in a new list of streams (worker thread only); streams that stay keep their scorer state."""
+        self.scorer.rearrange([self.streams.index(s) if s in self.streams else None for s in streams])
+        for stream in self.streams:
+            if stream not in streams and not stream.done:
+                stream.done = True
+                self._emit(stream, stream.analyzer.finish())
+        self.streams[:] = streams
 
     def run(self) -> None:
         try:
@@ -102,27 +114,43 @@ class Worker(threading.Thread):
         while not self.stop.is_set():
             while not self.calls.empty():
                 self.calls.get_nowait()()
-            active = [s for s in self.streams if not s.done]
-            if not active:
+            if all(s.done for s in self.streams):
                 return
-            for i, stream in enumerate(active):
-                # Block briefly on the first source only; the others are drained without waiting.
-                samples = stream.capture.read(READ_TIMEOUT_S if i == 0 else 0.0)
-                if samples.size and not stream.enabled:
-                    continue
-                if samples.size:
-                    for tap in self.taps:
-                        tap.on_audio(stream.source.name, samples)
-                    self._emit(stream, stream.analyzer.push(samples))
-                elif stream.capture.finished:
-                    stream.done = True
-                    _LOGGER.info("source %r ended after %.1f s of audio", stream.source.name,
-                                 stream.analyzer.seconds_in)
-                    self._emit(stream, stream.analyzer.finish())
+            self._step()
             self.heartbeat = time.monotonic()
         for stream in self.streams:
             if not stream.done:
                 self._emit(stream, stream.analyzer.finish())
+
+    def _step(self) -> None:
+        """Read every source once and score all their new frames in one batched pass."""
+        empty = np.zeros((0, self.n_mels), dtype=np.float32)
+        frames = [empty] * len(self.streams)
+        fed: list[int] = []
+        waited = False
+        for i, stream in enumerate(self.streams):
+            if stream.done:
+                continue
+            # Block briefly on the first live source only; the others are drained without waiting.
+            samples = stream.capture.read(0.0 if waited else READ_TIMEOUT_S)
+            waited = True
+            if samples.size:
+                if not stream.enabled:
+                    continue  # drained so the ring cannot overrun, but not analysed
+                for tap in self.taps:
+                    tap.on_audio(stream.source.name, samples)
+                frames[i] = stream.analyzer.frames(samples)
+                fed.append(i)
+            elif stream.capture.finished:
+                stream.done = True
+                _LOGGER.info("source %r ended after %.1f s of audio", stream.source.name,
+                             stream.analyzer.seconds_in)
+                self._emit(stream, stream.analyzer.finish())
+        if not fed:
+            return
+        results = self.scorer.push(frames)
+        for i in fed:
+            self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""
@@ -174,7 +202,7 @@ class Service:
             for stream in self.streams:
                 stream.capture.stop()
             raise
-        self.worker = Worker(self.streams, self.publisher.publish, self.taps, self.stop)
+        self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop)
         self.worker.start()
         names = ", ".join(s.source.name for s in self.streams)
         _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
@@ -233,7 +261,7 @@ class Service:
             _LOGGER.error("reload ignored: %s", e)
             self.notifier.ready("reload ignored: invalid configuration")
             return
-        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node"):
+        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node", "metrics"):
             if getattr(new, section) != getattr(self.config, section):
                 _LOGGER.warning("reload: [%s] changed; restart earshot to apply it", section)
         old_sources = {s.name: s for s in self.config.active_sources}
@@ -254,10 +282,7 @@ class Service:
         gone = [s for s in self.streams if s.source.name not in keep]
 
         def apply() -> None:  # in the worker thread, between two reads
-            for stream in gone:
-                stream.done = True
-                self.worker.publish_all(stream, stream.analyzer.finish())
-            self.streams[:] = [s for s in self.streams if s not in gone] + added
+            self.worker.replace_streams([s for s in self.streams if s not in gone] + added)
             for stream in self.streams:
                 stream.analyzer.detector.set_rules(rules)
                 stream.analyzer.min_level_dbfs = new.detect.min_level_dbfs
@@ -266,7 +291,8 @@ class Service:
         for stream in gone:
             stream.capture.stop()
         self.config = replace(new, model=self.config.model, frontend=self.config.frontend, mqtt=self.config.mqtt,
-                              zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node)
+                              zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node,
+                              metrics=self.config.metrics)
         _LOGGER.info("configuration reloaded: %d source(s) kept, %d started, %d stopped",
                      len(keep), len(added), len(gone))
         self.notifier.ready(f"listening on {', '.join(s.name for s in self.config.active_sources)}")

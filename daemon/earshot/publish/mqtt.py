@@ -391,6 +391,14 @@ class MqttPublisher:
             closing = self._closing
         if was_connected and not closing:
             self._log_state("lost", logging.WARNING, "MQTT connection lost: %s; reconnecting", _reason_text(reason_code))
+        elif not closing and not (self._last_state or "").startswith(("refused", "unreachable")):
+            # Closed before the broker answered our CONNECT: with TLS 1.3 a missing or rejected
+            # client certificate shows up only here, after the handshake looked fine.
+            self._log_state(
+                "closed", logging.ERROR, "MQTT broker %s:%s closed the connection before accepting it (%s)%s; retrying",
+                self._config.host, self._config.port, _reason_text(reason_code),
+                ": TLS client certificate missing or not accepted? (cert_file/key_file)" if self._config.tls else "",
+            )
 
     def _log_state(self, state: str, level: int, msg: str, *args: Any) -> None:
         # Retries repeat the same failure every few seconds: log only when the state changes.
