@@ -33,13 +33,13 @@ def test_confirmation_needs_consecutive_hops():
     """One hop above threshold is not an event with confirm_hops=2; two in a row are."""
     assert _run(_detector(), _glass([0, 0.9, 0, 0.9, 0, 0])) == []
     # A 0.3 s sound at 1.0 s is in every window ending from 1.1 s to 2.3 s.
-    events = _run(_detector(), _glass([0] + [0.9] * 13 + [0] * 8))
+    events = _run(_detector(), _glass([0] + [0.9] * 13 + [0] * 12))
     assert [e.type for _, e in events] == ["start", "end"]
     start, end = events[0][1], events[1][1]
     assert start.id == end.id and start.label == "glass_break"
     assert start.onset == pytest.approx(1.1 - HOP)  # first high window ends at 1.1 s
     assert end.offset == pytest.approx(2.3 - CHUNK + HOP)  # last high window ends at 2.3 s
-    assert events[1][0] == pytest.approx(2.3 + 0.5)  # reported once unheard for hold_s
+    assert events[1][0] == pytest.approx(2.3 + 1.0)  # reported once unheard for hold_s
     assert end.score == pytest.approx(0.9)
 
 
@@ -79,7 +79,7 @@ def test_config_threshold_overrides_model():
     """[detect] thresholds override the model's calibrated thresholds; others keep the model's."""
     rules = make_rules(LABELS, {"alarm": 0.3, "glass_break": 0.4, "gunshot": 0.5},
                        DetectConfig(thresholds={"gunshot": 0.8}, hysteresis=0.5))
-    assert rules["gunshot"] == LabelRule(0.8, 0.4, 2, 0.5, 1.0)
+    assert rules["gunshot"] == LabelRule(0.8, 0.4, 2, 1.0, 1.0)
     assert rules["alarm"].threshold == 0.3
 
 

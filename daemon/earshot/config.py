@@ -89,8 +89,9 @@ class DetectConfig:
     """An active event keeps going while its score stays above threshold x hysteresis (0..1)."""
     confirm_hops: int = 2
     """Consecutive hops above threshold before an event starts (1 = start on the first)."""
-    hold_s: float = 0.5
-    """An event ends once its label has not been heard for this long (s)."""
+    hold_s: float = 1.0
+    """An event ends once its label has not been heard for this long (s); 1 s bridges the pauses of
+    beeping (T3/T4) alarms and merges a burst of shots into one event."""
     refractory_s: float = 1.0
     """After an event ends, the same label cannot start again for this long (s)."""
     min_level_dbfs: float = -75.0
