@@ -136,6 +136,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return tail(args.mqtt, args.zmq, node=args.node, raw_json=args.json)
 
 
+def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .backend_onnx import main as export_main
+
+    return export_main([args.checkpoint, args.output])
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     sources = ", ".join(f"{s.name} ({s.kind})" for s in config.active_sources)
@@ -236,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="+", help="only this node's events (MQTT)")
     p.add_argument("--json", action="store_true", help="print the raw JSON payloads")
     p.set_defaults(func=cmd_tail)
+
+    p = sub.add_parser("export-onnx", help="export a checkpoint to ONNX (runs without torch; needs the onnx extra)")
+    p.add_argument("checkpoint", help="the .pt checkpoint")
+    p.add_argument("output", help="the .onnx file to write")
+    p.set_defaults(func=cmd_export_onnx)
 
     p = sub.add_parser("check-config", help="validate a configuration file")
     p.add_argument("file")
