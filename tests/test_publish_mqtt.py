@@ -271,6 +271,7 @@ def test_tls_connection(mosquitto_factory, tmp_path, closing):
     plain = free_port()
     broker = mosquitto_factory(f"cafile {ca}\ncertfile {crt}\nkeyfile {key}\nlistener {plain} 127.0.0.1\n")
     broker.start()
+    assert wait_until(lambda: _accepts(plain), timeout_s=10)  # start() waits for the TLS listener only
     sub = Subscriber(SimpleNamespace(host="127.0.0.1", port=plain), [event_topic()])  # the plain listener
     pub = MqttPublisher(config(broker, tls=True, ca_file=str(ca)), node=NODE)
     closing(pub)
@@ -309,3 +310,14 @@ def test_unacknowledged_messages_are_not_overtaken_after_reconnect(mosquitto_fac
     assert wait_until(lambda: pub.stats()["queued"] == 0 and pub.stats()["in_flight"] == 0, 5)
     assert retained(broker, f"earshot/{NODE}/mic0/glass_break") == b"OFF"  # events[29] is an end
     sub.close()
+
+
+def _accepts(port: int) -> bool:
+    """Whether something listens on 127.0.0.1:port."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False

@@ -49,12 +49,10 @@ def test_score_feed_messages(tiny_model):
             assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", msg["time"])
             t = [json.loads(p)["t_end"] for _, p in got[-10:]]
             assert [round(b - a, 3) for a, b in zip(t, t[1:])] == [0.1] * 9
-            assert integrations.scores.sent >= 25
+            assert wait_until(lambda: integrations.scores.sent >= 25, 5)
             assert not events.poll(100) or not events.recv_multipart()[0].startswith(b"scores")
-            scores.close(linger=0)
-            events.close(linger=0)
     finally:
-        ctx.term()
+        ctx.destroy(linger=0)  # closes the SUB sockets too, even after a failed assertion
 
 
 def test_curve_encryption(tmp_path):
@@ -79,8 +77,6 @@ def test_curve_encryption(tmp_path):
         for _ in range(20):
             pub.publish(event)
         assert not plain.poll(500)  # the handshake fails: nothing ever arrives in plain text
-        good.close(linger=0)
-        plain.close(linger=0)
     finally:
         pub.close(0.2)
-        ctx.term()
+        ctx.destroy(linger=0)

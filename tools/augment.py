@@ -30,9 +30,9 @@ from scipy.signal import butter, fftconvolve, sosfilt
 from earshot.features import FrontendParams, features
 
 try:  # run as `python tools/x.py` (tools/ on sys.path) or imported as `tools.augment`
-    from data import ACTIVITY_HOP, EVENT_LABELS, NEGATIVE, Clip, activity_mask
+    from data import ACTIVITY_HOP, EVENT_LABELS, NEGATIVE, Clip, activity_mask, activity_params
 except ImportError:  # pragma: no cover - import path depends on the entry point
-    from tools.data import ACTIVITY_HOP, EVENT_LABELS, NEGATIVE, Clip, activity_mask
+    from tools.data import ACTIVITY_HOP, EVENT_LABELS, NEGATIVE, Clip, activity_mask, activity_params
 
 Example = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(window (chunk_frames, n_mels) float32, target (C,) float32 in {0,1}, loss mask (C,) float32)."""
@@ -74,6 +74,11 @@ class MixConfig:
     """Reverberation time range (s)."""
     p_channel: float = 0.3
     """Whole mixtures band-limited or filtered (microphone / channel variety), negatives included."""
+    p_onset_window: float = 0.5
+    """Mixtures with a positive event whose first window ends 50-400 ms after its onset: the windows
+    that decide detection latency and onset accuracy, rare under uniform placement."""
+    p_offset_window: float = 0.3
+    """Mixtures with a positive event whose second window starts around the event's end (clean offsets)."""
     p_spec_augment: float = 0.5
     """Windows with one time mask and one frequency mask."""
     max_time_mask: int = 8
@@ -322,7 +327,7 @@ class Mixer:
         if frontend.hop_length != ACTIVITY_HOP:
             raise ValueError(f"frontend hop {frontend.hop_length} must equal the activity hop {ACTIVITY_HOP}")
 
-    def _event(self, rng: np.random.Generator, clip: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _event(self, rng: np.random.Generator, clip: np.ndarray, label: str) -> tuple[np.ndarray, np.ndarray]:
         """Augment one event clip (speed, reverb); return (samples, per-hop activity)."""
         cfg, sr = self.cfg, self.p.sample_rate
         x = clip
@@ -331,7 +336,7 @@ class Mixer:
             x = x[i0 : i0 + 6 * sr]
         if rng.random() < cfg.p_speed:
             x = speed_change(x, rng.uniform(*cfg.speed))
-        active = activity_mask(x)
+        active = activity_mask(x, activity_params(label))
         if rng.random() < cfg.p_reverb:
             x = reverberate(x, synthetic_rir(rng, sr, rng.uniform(*cfg.rt60_s)))
             active = np.concatenate([active, np.zeros(max(0, len(x) // ACTIVITY_HOP - len(active)), dtype=bool)])
@@ -357,7 +362,7 @@ class Mixer:
         if self.distractors is not None and rng.random() < cfg.p_distractor:
             todo.append((-1, self.distractors, cfg.distractor_ebr_db))
         for cls, draw, ebr_range in todo:
-            x, active = self._event(rng, draw(rng))
+            x, active = self._event(rng, draw(rng), self.labels[cls] if cls >= 0 else NEGATIVE)
             idx = np.flatnonzero(active)
             if idx.size == 0:
                 continue
@@ -422,6 +427,15 @@ class Mixer:
         feats = features(mix, self.p)  # (T, n_mels)
         span = int(cfg.span_s * self.p.sample_rate / ACTIVITY_HOP)
         ends = end0 + rng.integers(0, span + 1, size=cfg.windows)
+        positives = [ev for ev in placed if ev.cls >= 0]
+        if positives and cfg.windows >= 2:
+            ev = positives[int(rng.integers(len(positives)))]
+            idx = np.flatnonzero(ev.active)
+            if rng.random() < cfg.p_onset_window:
+                ends[0] = ev.hop0 + idx[0] + int(rng.integers(5, 41))
+            if rng.random() < cfg.p_offset_window:
+                ends[1] = ev.hop0 + idx[-1] + 1 + chunk + int(rng.integers(-15, 16))
+            ends = np.clip(ends, max(chunk, end0 - chunk), feats.shape[0])
         out = []
         for e in ends:
             e = int(min(e, feats.shape[0]))

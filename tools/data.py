@@ -158,12 +158,38 @@ ACTIVITY_HOP = 160
 """Activity is computed on 10 ms steps, the frontend's hop, so masks line up with feature frames."""
 
 
-def activity_mask(x: np.ndarray, hop: int = ACTIVITY_HOP, rel_db: float = 25.0, min_range_db: float = 6.0) -> np.ndarray:
+@dataclass(frozen=True)
+class ActivityParams:
+    """How `activity_mask` finds an event in a clip's energy envelope."""
+
+    rel_db: float = 25.0
+    """Never mark steps more than this far below the peak (dB)."""
+    frac: float = 0.5
+    """Threshold position between noise floor (0) and peak (1), in dB."""
+    min_range_db: float = 6.0
+    """Clips whose level varies less than this (dB) are active throughout."""
+    bridge_s: float = 0.15
+    """Gaps up to this long (s) between active steps are bridged."""
+
+
+IMPULSIVE_ACTIVITY = ActivityParams()
+"""Gunshots, glass breaks: the loud part and its ringing, separate shots kept apart."""
+TONAL_ACTIVITY = ActivityParams(rel_db=30.0, frac=0.25, bridge_s=0.6)
+"""Alarms and sirens: a siren's level swings by 20 dB over a sweep and through traffic, yet it is audible
+throughout; beeps 0.5 s apart (T3) are one event."""
+
+
+def activity_params(label: str) -> ActivityParams:
+    """Activity parameters for a class (alarms are tonal and continuous, the rest impulsive)."""
+    return TONAL_ACTIVITY if label == "alarm" else IMPULSIVE_ACTIVITY
+
+
+def activity_mask(x: np.ndarray, params: ActivityParams = IMPULSIVE_ACTIVITY, hop: int = ACTIVITY_HOP) -> np.ndarray:
     """Boolean per-hop mask of where the event in a clip is active, from its energy envelope.
 
-    A step is active when its level is above both `peak - rel_db` and halfway (in dB) between the
-    clip's noise floor (10th percentile) and its peak. Steady clips whose level varies less than
-    `min_range_db` (a siren recorded close up) are active throughout. Short gaps (< 150 ms) are
+    A step is active when its level is above both `peak - rel_db` and the point `frac` of the way (in
+    dB) from the clip's noise floor (10th percentile) to its peak. Steady clips whose level varies less
+    than `min_range_db` (a siren recorded close up) are active throughout. Gaps up to `bridge_s` are
     bridged so a beep pattern or a reverberant crash counts as one event, and 30 ms is added on both
     sides for the attack before the first loud step.
     """
@@ -172,14 +198,15 @@ def activity_mask(x: np.ndarray, hop: int = ACTIVITY_HOP, rel_db: float = 25.0, 
     level = 10.0 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-10)
     peak = float(level.max())
     floor = float(np.percentile(level, 10))
-    if peak - floor < min_range_db:
+    if peak - floor < params.min_range_db:
         return np.ones(n, dtype=bool)
-    thr = max(peak - rel_db, 0.5 * (peak + floor))
+    thr = max(peak - params.rel_db, floor + params.frac * (peak - floor))
     mask = level >= thr
     idx = np.flatnonzero(mask)
     gaps = np.diff(idx)
+    bridge = int(round(params.bridge_s * SAMPLE_RATE / hop))
     for a, g in zip(idx[:-1], gaps):
-        if 1 < g <= 15:
+        if 1 < g <= bridge:
             mask[a : a + g] = True
     pad = 3
     grown = mask.copy()
@@ -189,9 +216,9 @@ def activity_mask(x: np.ndarray, hop: int = ACTIVITY_HOP, rel_db: float = 25.0, 
     return grown
 
 
-def active_region(x: np.ndarray, sr: int = SAMPLE_RATE) -> tuple[float, float]:
+def active_region(x: np.ndarray, sr: int = SAMPLE_RATE, params: ActivityParams = IMPULSIVE_ACTIVITY) -> tuple[float, float]:
     """(start_s, end_s) of the event in a clip: first to last active step of `activity_mask`."""
-    mask = activity_mask(x)
+    mask = activity_mask(x, params)
     idx = np.flatnonzero(mask)
     return idx[0] * ACTIVITY_HOP / sr, (idx[-1] + 1) * ACTIVITY_HOP / sr
 

@@ -193,7 +193,7 @@ class EventClip:
 
 def trim_event(clip: data.Clip, x: np.ndarray, sr: int) -> EventClip:
     """Cut a clip to its active region with 0.1 s before and 0.3 s after (20 ms fades), at most MAX_EVENT_S of activity."""
-    mask = data.activity_mask(x)
+    mask = data.activity_mask(x, data.activity_params(clip.label))
     idx = np.flatnonzero(mask)
     hop = data.ACTIVITY_HOP
     a0, a1 = int(idx[0]), int(idx[-1]) + 1

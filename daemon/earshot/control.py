@@ -224,7 +224,7 @@ class Control:
         enabled = self.enabled(source)
         if stream.enabled and not enabled:
             # End events in progress now: a disabled source must not leave a sensor stuck ON.
-            self.service.worker._emit(stream, stream.analyzer.finish())
+            self.service.worker.publish_all(stream, stream.analyzer.finish())
         if stream.enabled != enabled:
             log.info("source %s %s at run time", source, "enabled" if enabled else "disabled")
         stream.enabled = enabled
