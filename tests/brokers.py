@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import tempfile
 import threading
 import time
 import uuid

@@ -8,7 +8,7 @@ import json
 import paho.mqtt.publish as mqtt_publish
 import pytest
 
-from brokers import mosquitto, retained, wait_until  # noqa: F401
+from brokers import retained, wait_until
 from earshot.control import STATE_FILE
 from inproc import demo_source, running_service
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from audio_bursts import burst_wav, silence_wav
-from brokers import Subscriber, mosquitto_factory, wait_until  # noqa: F401
+from brokers import Subscriber
 from earshot.spool import SPOOL_FILE
 
 pytestmark = pytest.mark.timeout(120)

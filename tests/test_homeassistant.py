@@ -9,7 +9,7 @@ import jinja2
 import paho.mqtt.publish as mqtt_publish
 import pytest
 
-from brokers import Subscriber, mosquitto, retained, wait_until  # noqa: F401
+from brokers import Subscriber, retained, wait_until
 from earshot.events import Event, iso_utc
 from earshot.homeassistant import EVENT_TYPE, event_template
 from inproc import demo_source, running_service

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from nets import random_model as _random_model
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -33,26 +34,6 @@ LABELS = ["alarm", "glass_break", "gunshot"]
 THRESHOLDS = {"alarm": 0.5, "glass_break": 0.6, "gunshot": 0.4}
 CHUNK, HOP = 100, 10
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _random_model(seed: int = 0, dims: CnnDims | None = None) -> SoundEventCnn:
-    """A model with random weights *and* random BatchNorm statistics, in eval mode.
-
-    Non-trivial BN statistics and attention weights make folding and pooling errors visible.
-    """
-    torch.manual_seed(seed)
-    model = SoundEventCnn(dims or CnnDims())
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        torch.nn.init.normal_(model.frame_attention.weight, std=0.5)
-        torch.nn.init.normal_(model.frame_logits.weight, std=0.5)
-        model.frame_logits.bias.zero_()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from brokers import free_port, mosquitto_factory, wait_until  # noqa: F401
+from brokers import wait_until
 from earshot.config import MqttConfig
 from earshot.events import Event, iso_utc, new_event_id
 from earshot.publish.mqtt import PASSWORD_ENV, MqttPublisher

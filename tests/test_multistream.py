@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from nets import random_model as _random_model
 import torch
 
 from earshot.backend import StepScorer, pool_scores
@@ -24,23 +25,12 @@ CHUNK, HOP = 100, 10
 LABELS = ("alarm", "glass_break", "gunshot")
 
 
-def _random_model(seed: int = 0) -> SoundEventCnn:
-    """Random weights and BatchNorm statistics, so folding or caching errors change the scores."""
-    torch.manual_seed(seed)
-    model = SoundEventCnn(CnnDims(channels=(8, 12, 16, 16), embed_dim=24))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-        torch.nn.init.normal_(model.frame_attention.weight, std=0.5)
-        torch.nn.init.normal_(model.frame_logits.weight, std=0.5)
-    return model.eval()
+SMALL = CnnDims(channels=(8, 12, 16, 16), embed_dim=24)
 
 
 @pytest.fixture(scope="module")
 def model() -> SoundEventCnn:
-    return _random_model()
+    return _random_model(dims=SMALL)
 
 
 def _assert_same(got: list[tuple[int, np.ndarray]], want: list[tuple[int, np.ndarray]]) -> None:

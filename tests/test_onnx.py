@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from nets import random_model as _random_model
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install onnxruntime onnx)")
 pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install onnxruntime onnx)")
@@ -20,7 +20,7 @@ from earshot.backend import load_model  # noqa: E402
 from earshot.backend_onnx import META_KEY, OnnxModel, export_onnx, load_onnx, main  # noqa: E402
 from earshot.config import DetectConfig, FrontendConfig  # noqa: E402
 from earshot.features import FrontendParams, features  # noqa: E402
-from earshot.model import CheckpointError, CnnDims, SoundEventCnn, load_checkpoint, save_checkpoint  # noqa: E402
+from earshot.model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 from earshot.synth import scene  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,23 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 LABELS = ["alarm", "glass_break", "gunshot"]
 THRESHOLDS = {"alarm": 0.5, "glass_break": 0.6, "gunshot": 0.4}
 CHUNK, HOP = 100, 10
-
-
-def _random_model(seed: int = 0) -> SoundEventCnn:
-    """Random weights and BatchNorm statistics: folding or export errors change the scores."""
-    torch.manual_seed(seed)
-    model = SoundEventCnn(CnnDims())
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        torch.nn.init.normal_(model.frame_attention.weight, std=0.5)
-        torch.nn.init.normal_(model.frame_logits.weight, std=0.5)
-        model.frame_logits.bias.zero_()
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from brokers import Mosquitto, Subscriber, free_port, mosquitto, mosquitto_factory, retained, wait_until  # noqa: F401
+from brokers import Mosquitto, Subscriber, free_port, retained, wait_until
 from earshot.config import MqttConfig
 from earshot.events import Event, iso_utc, new_event_id
 from earshot.publish import PublishError

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from brokers import free_port, mosquitto, wait_until  # noqa: F401
+from brokers import free_port, wait_until
 from earshot.config import MqttConfig, ZmqConfig
 from earshot.events import Event, iso_utc, new_event_id
 from earshot.publish.mqtt import MqttPublisher

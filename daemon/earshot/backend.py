@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .features import FrontendParams
-from .modelspec import CheckpointError, CnnDims
+from .modelspec import CheckpointError, CnnDims, check_features, no_windows
 
 StepFn = Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
 """frames (B, n, n_mels) float32, caches [(B, C_i, F_i, ctx_i)] -> rows (B, n, 2C), new caches."""
@@ -224,12 +224,10 @@ def step_score_windows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Offline scores through a step function: the file streamed in big segments, windows pooled at once."""
     big_l = check_window(dims, chunk_frames, hop_frames)
-    feats = np.asarray(feats, dtype=np.float32)
-    if feats.ndim != 2 or feats.shape[1] != dims.n_mels:
-        raise ValueError(f"expected features of shape (T, {dims.n_mels}), got {feats.shape}")
+    feats = check_features(feats, dims)
     total = feats.shape[0]
     if total < chunk_frames:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, dims.n_classes), dtype=np.float32)
+        return no_windows(dims)
     caches = [np.zeros((1, *s), dtype=np.float32) for s in cache_shapes(dims)]
     parts = []
     for s in range(0, total, max(1, segment_frames)):

@@ -48,7 +48,15 @@ from torch import nn
 
 from earshot.backend import StepScorer
 from earshot.features import FrontendParams
-from earshot.modelspec import CheckpointError, CnnDims, default_model_path, macs_per_frame, validate_labels
+from earshot.modelspec import (
+    CheckpointError,
+    CnnDims,
+    check_features,
+    default_model_path,
+    macs_per_frame,
+    no_windows,
+    validate_labels,
+)
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -349,12 +357,10 @@ def score_windows(
     """
     big_l = _check_window(model, chunk_frames, hop_frames)
     dims = model.dims
-    feats = np.asarray(feats, dtype=np.float32)
-    if feats.ndim != 2 or feats.shape[1] != dims.n_mels:
-        raise ValueError(f"expected features of shape (T, {dims.n_mels}), got {feats.shape}")
+    feats = check_features(feats, dims)
     total = feats.shape[0]
     if total < chunk_frames:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, dims.n_classes), dtype=np.float32)
+        return no_windows(dims)
     net = _FoldedNet(model)  # eval semantics; does not change the model's train/eval mode
     r = dims.receptive_frames
     step = max(1, segment_frames)

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class CnnDims:
@@ -123,6 +125,19 @@ def validate_labels(labels: list[str], thresholds: dict[str, float], dims: CnnDi
     bad = {k: v for k, v in thresholds.items() if not (isinstance(v, float) and 0.0 < v < 1.0)}
     if bad:
         raise CheckpointError(f"thresholds must be numbers in (0, 1), got {bad}")
+
+
+def check_features(feats: Any, dims: CnnDims) -> np.ndarray:
+    """`feats` as float32 (T, n_mels), or ValueError naming the shape that was given."""
+    feats = np.asarray(feats, dtype=np.float32)
+    if feats.ndim != 2 or feats.shape[1] != dims.n_mels:
+        raise ValueError(f"expected features of shape (T, {dims.n_mels}), got {feats.shape}")
+    return feats
+
+
+def no_windows(dims: CnnDims) -> tuple[np.ndarray, np.ndarray]:
+    """The (end_frames, scores) of a signal too short for one window."""
+    return np.zeros(0, dtype=np.int64), np.zeros((0, dims.n_classes), dtype=np.float32)
 
 
 def default_model_path() -> Path:
