@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from earshot.config import DetectConfig
-from earshot.detect import Detector, LabelRule, make_rules
+from earshot.detect import RESPONSE_S, Detector, LabelRule, make_rules
 
 pytestmark = pytest.mark.timeout(30)
 LABELS = ["alarm", "glass_break", "gunshot"]
@@ -37,7 +37,7 @@ def test_confirmation_needs_consecutive_hops():
     assert [e.type for _, e in events] == ["start", "end"]
     start, end = events[0][1], events[1][1]
     assert start.id == end.id and start.label == "glass_break"
-    assert start.onset == pytest.approx(1.1 - HOP)  # first high window ends at 1.1 s
+    assert start.onset == pytest.approx(1.1 - RESPONSE_S)  # first high window ends at 1.1 s
     assert end.offset == pytest.approx(2.3 - CHUNK + HOP)  # last high window ends at 2.3 s
     assert events[1][0] == pytest.approx(2.3 + 1.0)  # reported once unheard for hold_s
     assert end.score == pytest.approx(0.9)
@@ -97,3 +97,15 @@ def test_set_threshold_at_run_time():
     assert _run(det, _glass([0.9, 0.9])) == []
     with pytest.raises(KeyError):
         det.set_threshold("dog", 0.5, 0.7)
+
+
+def test_onset_dated_from_the_rise():
+    """Scores climbing through threshold*hysteresis before crossing the threshold date the onset from the
+    start of the climb, not from the crossing (otherwise slowly building sounds are reported late)."""
+    det = _detector(DetectConfig(confirm_hops=2, hysteresis=0.5))
+    events = _run(det, _glass([0.1, 0.3, 0.4, 0.6, 0.7] + [0.8] * 5 + [0] * 20))
+    start = events[0][1]
+    assert start.onset == pytest.approx(1.1 - RESPONSE_S)  # the climb began at the window ending at 1.1 s
+    det = _detector(DetectConfig(confirm_hops=2, hysteresis=0.5))
+    events = _run(det, _glass([0.3, 0.1, 0.1, 0.6, 0.7] + [0.8] * 5 + [0] * 20))  # an interrupted climb
+    assert events[0][1].onset == pytest.approx(1.3 - RESPONSE_S)

@@ -3,6 +3,7 @@
 Each label runs its own small state machine:
 
     idle --score >= threshold--> pending --confirm_hops in a row--> active (emit start)
+    (the onset is dated from where the score first rose above threshold*hysteresis)
     active --not above threshold*hysteresis for hold_s--> refractory (emit end) --refractory_s--> idle
 
 Hysteresis keeps a long alarm from flickering on and off; confirmation and the refractory period
@@ -49,6 +50,9 @@ def make_rules(labels: Sequence[str], model_thresholds: dict[str, float], cfg: D
     return rules
 
 
+RESPONSE_S = 0.2
+"""How much of a sound the model needs in its window before its score rises (s); measured on the
+validation mixtures (median detection delay), used to date onsets."""
 _EPS_S = 1e-6
 """Tolerance for comparing hop times (s): hop times are sums of floats."""
 
@@ -67,7 +71,8 @@ class _Track:
         self.rule = rule
         self.state = _State.IDLE
         self.count = 0
-        self.first_t = 0.0  # window end time of the first hop above threshold
+        self.first_t = 0.0  # window end time of the first hop of the run that led to the event
+        self.rise_t: float | None = None  # while idle: first hop of the current run above the exit threshold
         self.last_t = 0.0  # window end time of the last hop above the exit threshold
         self.peak = 0.0
         self.until = 0.0  # end of the refractory period
@@ -159,18 +164,22 @@ class Detector:
             return None
         if score < rule.threshold:
             tr.state, tr.count = _State.IDLE, 0
+            # Scores usually rise over a few hops as a sound fills the window; remember where the
+            # rise began so the onset is not reported late.
+            tr.rise_t = (tr.rise_t if tr.rise_t is not None else t) if score >= rule.exit_threshold else None
             return None
         if tr.state is _State.IDLE:
-            tr.state, tr.count, tr.first_t, tr.peak = _State.PENDING, 0, t, 0.0
+            first = tr.rise_t if tr.rise_t is not None else t
+            tr.state, tr.count, tr.first_t, tr.peak, tr.rise_t = _State.PENDING, 0, first, 0.0, None
         tr.count += 1
         tr.peak = max(tr.peak, score)
         if tr.count < rule.confirm_hops:
             return None
         tr.state, tr.last_t = _State.ACTIVE, t
         tr.event_id = new_event_id()
-        # The first window above threshold is the first that holds enough of the sound: the sound
-        # began about one hop before that window's end.
-        tr.onset = max(0.0, tr.first_t - self.hop_s)
+        # The first window of the rise is the first that holds enough of the sound to score:
+        # the sound began about RESPONSE_S (at least one hop) before that window's end.
+        tr.onset = max(0.0, tr.first_t - max(self.hop_s, RESPONSE_S))
         return Event(
             type=START, id=tr.event_id, label=label, source=self.source, node=self.node,
             onset=tr.onset, offset=None, onset_time=iso_utc(self.to_wall(tr.onset)), offset_time=None,
