@@ -80,3 +80,15 @@ def test_silence_is_gated(random_model):
     assert all(not h.scores.any() for h in hops) and events == []
     assert hops[0].level_dbfs == -120.0
     assert level_dbfs(np.full(100, 0.5, np.float32)) == pytest.approx(-6.02, abs=0.01)
+
+
+def test_non_finite_samples_do_not_poison(random_model):
+    """NaN/inf samples (a broken file or driver) count as silence: scores stay finite, before and after."""
+    audio, _ = scene(duration_s=4.0, seed=2)
+    bad = audio.copy()
+    bad[20000:20100] = np.nan
+    bad[30000] = np.inf
+    for cls in (StreamAnalyzer, BatchAnalyzer):
+        hops, _ = _run(cls, random_model, bad, [1600] * 40, DetectConfig())
+        assert np.isfinite(np.stack([h.scores for h in hops])).all()
+        assert all(np.isfinite(h.level_dbfs) for h in hops)

@@ -64,6 +64,14 @@ def level_dbfs(samples: np.ndarray) -> float:
     return max(SILENCE_DBFS, 10.0 * math.log10(ms)) if ms > 0 else SILENCE_DBFS
 
 
+def _clean(samples: np.ndarray) -> np.ndarray:
+    """Mono float32 with NaN/inf replaced by silence: one bad sample must not poison the running level."""
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    if not np.isfinite(samples).all():
+        samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
+    return samples
+
+
 class _History:
     """The latest samples of a stream, addressed by absolute sample index."""
 
@@ -148,7 +156,7 @@ class StreamAnalyzer(_Analyzer):
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """First half of `push`: audio in, new log-mel frames out (for a scorer shared by several streams)."""
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        samples = _clean(samples)
         if samples.size == 0:
             return np.zeros((0, self.params.n_mels), dtype=np.float32)
         self.audio.append(samples)
@@ -182,7 +190,7 @@ class BatchAnalyzer(_Analyzer):
 
     def push(self, samples: np.ndarray) -> list[Event]:
         """Feed a block of audio (any length; tens of seconds is efficient)."""
-        samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+        samples = _clean(samples)
         if samples.size == 0:
             return []
         p = self.params
