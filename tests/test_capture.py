@@ -27,6 +27,8 @@ from earshot.capture import (
     iter_file_blocks,
     make_capture,
 )
+from earshot.capture import base as capture_base
+from earshot.capture import ffmpeg as capture_ffmpeg
 from earshot.config import SourceConfig
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -78,7 +80,7 @@ def test_file_fast_mode_is_exact_and_lossless_under_back_pressure(
     tmp_path: Path, stop: threading.Event, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Non-realtime file playback never overruns a slow consumer: output == file, nothing lost."""
-    monkeypatch.setattr(capture, "RING_S", 0.25)  # a ring far smaller than the file
+    monkeypatch.setattr(capture_base, "RING_S", 0.25)  # a ring far smaller than the file (read in base)
     x = (np.random.default_rng(1).standard_normal(5 * SR) * 0.1).astype(np.float32)
     path = tmp_path / "long.wav"
     sf.write(path, x, SR, subtype="FLOAT")
@@ -346,7 +348,7 @@ def test_ffmpeg_bad_url_retries_without_crashing(
     tmp_path: Path, stop: threading.Event, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A bad input is logged with ffmpeg's own error and retried with backoff; stop() is bounded."""
-    monkeypatch.setattr(capture, "BACKOFF_MIN_S", 0.2)
+    monkeypatch.setattr(capture_ffmpeg, "BACKOFF_MIN_S", 0.2)  # the name FfmpegCapture reads
     cap = FfmpegCapture(ff_cfg(str(tmp_path / "does-not-exist.wav")), SR, stop)
     with caplog.at_level(logging.WARNING, logger="earshot.capture"):
         cap.start()

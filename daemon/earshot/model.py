@@ -1,4 +1,4 @@
-"""Streaming sound-event CNN, its streaming/offline scorers, and the checkpoint format.
+"""Model stage: the streaming sound-event CNN and its streaming/offline scorers.
 
 Architecture (`CnnDims` defaults; 183 k multiply-adds per 10 ms frame, see `macs_per_frame`):
 
@@ -29,17 +29,15 @@ Why this shape:
 
 At about 100 frames/s the network costs ~18 M MAC/s per stream, a fraction of a percent of
 one core once per-call overhead is amortised over a 10-frame hop (see tools/bench.py).
+
+The checkpoint format (`LoadedModel`, `save_checkpoint`, `load_checkpoint`) lives in
+`earshot.checkpoint`; those names are re-exported here (lazily, to avoid an import cycle),
+so `from earshot.model import load_checkpoint` keeps working.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import pickle
-import zipfile
-from dataclasses import dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,7 +45,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from earshot.backend import StepScorer
-from earshot.features import FrontendParams
 from earshot.modelspec import (
     CheckpointError,
     CnnDims,
@@ -55,14 +52,24 @@ from earshot.modelspec import (
     default_model_path,
     macs_per_frame,
     no_windows,
-    validate_labels,
 )
 
-_LOGGER = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the real import is lazy (__getattr__): earshot.checkpoint imports this module
+    from earshot.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LoadedModel, load_checkpoint, save_checkpoint
 
-CHECKPOINT_FORMAT = "earshot-checkpoint"
-CHECKPOINT_VERSION = 1
-_CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "thresholds", "provenance", "state_dict")
+_CHECKPOINT_NAMES = ("CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LoadedModel", "load_checkpoint", "save_checkpoint")
+
+
+def __getattr__(name: str) -> Any:
+    """The checkpoint names moved to `earshot.checkpoint`, imported on first use.
+
+    Not a plain import: earshot.checkpoint builds `SoundEventCnn`s, so it imports this module first.
+    """
+    if name in _CHECKPOINT_NAMES:
+        from earshot import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class SoundEventCnn(nn.Module):
@@ -378,170 +385,6 @@ def score_windows(
         scores = torch.sigmoid(attention_pool(windows[..., :n], windows[..., n:]))  # (N, C)
     ends = chunk_frames + hop_frames * np.arange(scores.shape[0], dtype=np.int64)
     return ends, scores.numpy().astype(np.float32)
-
-
-# ------------------------------------------------------------------------------------------
-# Checkpoint
-
-
-@dataclass(frozen=True)
-class LoadedModel:
-    """A checkpoint loaded and validated: everything the daemon needs to score audio."""
-
-    model: SoundEventCnn
-    """The network, in eval mode."""
-    dims: CnnDims
-    """Its architecture."""
-    labels: tuple[str, ...]
-    """Class names, in output order."""
-    frontend: FrontendParams
-    """Frontend parameters the model was trained with."""
-    thresholds: dict[str, float] = field(default_factory=dict)
-    """Default decision threshold per label (probability in (0, 1))."""
-    provenance: dict[str, Any] = field(default_factory=dict)
-    """Free-form training metadata (data, commit, metrics), plain JSON types."""
-
-    @property
-    def backend(self) -> str:
-        """Which runtime scores this model: 'torch' (see earshot.backend for 'onnx')."""
-        return "torch"
-
-    def streaming_scorer(self, chunk_frames: int, hop_frames: int) -> StreamingScorer:
-        """A live scorer for one stream."""
-        return StreamingScorer(self.model, chunk_frames, hop_frames)
-
-    def multi_stream_scorer(self, chunk_frames: int, hop_frames: int, n_streams: int) -> MultiStreamScorer:
-        """A live scorer for `n_streams` streams sharing one forward pass per push."""
-        return MultiStreamScorer(self.model, chunk_frames, hop_frames, n_streams)
-
-    def score_windows(self, feats: np.ndarray, chunk_frames: int, hop_frames: int) -> tuple[np.ndarray, np.ndarray]:
-        """Offline scores of every window of feats (T, n_mels): end_frames (N,), scores (N, C)."""
-        return score_windows(self.model, feats, chunk_frames, hop_frames)
-
-
-def save_checkpoint(
-    path: str | Path,
-    model: SoundEventCnn,
-    labels: list[str] | tuple[str, ...],
-    frontend: FrontendParams,
-    thresholds: dict[str, float],
-    provenance: dict[str, Any],
-) -> None:
-    """Write a checkpoint that `load_checkpoint` accepts (validated before writing)."""
-    labels = [str(x) for x in labels]
-    thresholds = {str(k): float(v) for k, v in thresholds.items()}
-    validate_labels(labels, thresholds, model.dims)
-    try:
-        # Round-trip through JSON: only plain types survive weights_only loading.
-        provenance = json.loads(json.dumps(provenance))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"provenance must contain only JSON types: {exc}") from exc
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "labels": labels,
-        "frontend": frontend.to_dict(),
-        "dims": model.dims.to_dict(),
-        "thresholds": thresholds,
-        "provenance": provenance,
-        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(ckpt, tmp)
-    tmp.replace(path)  # atomic: a running daemon never sees a half-written file
-
-
-def _expect(ckpt: dict[str, Any], key: str, kind: type | tuple[type, ...], path: Path) -> Any:
-    """Return ckpt[key] if it has the expected type, else raise CheckpointError."""
-    value = ckpt[key]
-    if not isinstance(value, kind):
-        raise CheckpointError(f"bad checkpoint {path}: '{key}' has type {type(value).__name__}")
-    return value
-
-
-def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) -> LoadedModel:
-    """Load and validate a checkpoint; the model is returned in eval mode on CPU.
-
-    Refuses anything but plain tensors and containers (`weights_only=True`), checks the
-    format, every key and type, strictly loads the state dict, and, if `frontend` is given,
-    that the checkpoint was trained with the same frontend parameters.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}; set [model] path or reinstall earshot")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f"{path} is not a safe earshot checkpoint (refusing to execute code from it)"
-        ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable earshot checkpoint (corrupt or truncated?): {exc}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} is not an earshot checkpoint (format is not '{CHECKPOINT_FORMAT}')")
-    if ckpt.get("version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint version {ckpt.get('version')!r}; this earshot reads version {CHECKPOINT_VERSION}"
-        )
-    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
-    extra = sorted(set(map(str, ckpt)) - set(_CHECKPOINT_KEYS))
-    if missing or extra:
-        raise CheckpointError(f"bad checkpoint {path}: missing keys {missing}, unknown keys {extra}")
-    labels = _expect(ckpt, "labels", list, path)
-    if not all(isinstance(x, str) for x in labels):
-        raise CheckpointError(f"bad checkpoint {path}: labels must be strings")
-    thresholds = _expect(ckpt, "thresholds", dict, path)
-    provenance = _expect(ckpt, "provenance", dict, path)
-    state_dict = _expect(ckpt, "state_dict", dict, path)
-    if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise CheckpointError(f"bad checkpoint {path}: state_dict must hold only tensors")
-    try:
-        dims = CnnDims.from_dict(_expect(ckpt, "dims", dict, path))
-        saved_frontend = FrontendParams.from_dict(_expect(ckpt, "frontend", dict, path))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"bad checkpoint {path}: {exc}") from exc
-    try:
-        validate_labels(labels, thresholds, dims)
-    except CheckpointError as exc:
-        raise CheckpointError(f"bad checkpoint {path}: {exc}") from exc
-    if dims.n_mels != saved_frontend.n_mels:
-        raise CheckpointError(
-            f"bad checkpoint {path}: model expects n_mels={dims.n_mels}, frontend has {saved_frontend.n_mels}"
-        )
-    if frontend is not None and frontend != saved_frontend:
-        diffs = [
-            f"checkpoint was trained with {f.name}={getattr(saved_frontend, f.name)!r}, "
-            f"runtime uses {f.name}={getattr(frontend, f.name)!r}"
-            for f in fields(FrontendParams)
-            if getattr(saved_frontend, f.name) != getattr(frontend, f.name)
-        ]
-        raise CheckpointError(f"{path} does not match the runtime frontend: " + "; ".join(diffs))
-    model = SoundEventCnn(dims)
-    expected = set(model.state_dict())
-    missing_keys = sorted(expected - set(state_dict))
-    unexpected_keys = sorted(set(state_dict) - expected)
-    if missing_keys or unexpected_keys:
-        raise CheckpointError(
-            f"bad checkpoint {path}: state_dict does not match dims: "
-            f"missing keys {missing_keys}, unexpected keys {unexpected_keys}"
-        )
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:  # shape mismatches; flatten torch's multi-line message
-        detail = " ".join(str(exc).split())
-        raise CheckpointError(f"bad checkpoint {path}: state_dict does not match dims: {detail}") from exc
-    model.eval()
-    _LOGGER.debug("loaded %s: labels=%s dims=%s", path, labels, dims)
-    return LoadedModel(
-        model=model,
-        dims=dims,
-        labels=tuple(labels),
-        frontend=saved_frontend,
-        thresholds={k: float(v) for k, v in thresholds.items()},
-        provenance=provenance,
-    )
 
 
 __all__ = [
