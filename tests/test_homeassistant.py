@@ -23,6 +23,11 @@ def _raw(broker, **ha) -> dict:
             "homeassistant": {"discovery_prefix": "ha", "level_interval_s": 0.5, **ha}}
 
 
+def _drained(fanout) -> bool:
+    stats = fanout.stats()["mqtt"]
+    return stats["connected"] and stats["queued"] == 0 and stats["in_flight"] == 0
+
+
 def test_discovery_configs_are_retained_valid_and_point_at_live_topics(tiny_model, mosquitto):
     """Every discovery config is retained, valid JSON with a unique id, the node's device and the
     daemon's status as availability; every state topic it names carries a message (retained ON/OFF,
@@ -32,8 +37,10 @@ def test_discovery_configs_are_retained_valid_and_point_at_live_topics(tiny_mode
     with running_service(tiny_model, _raw(mosquitto)) as (service, integrations, fanout):
         ha = integrations.homeassistant
         assert wait_until(lambda: ha.sent >= 1, 10)
+        # Handed to the publisher is not yet at the broker: wait until the broker has acknowledged them.
+        assert wait_until(lambda: _drained(fanout), 30)
         sub = Subscriber(mosquitto, ["ha/#"])  # joins after they were sent: sees only retained ones
-        assert sub.wait_for(lambda m: len(m) >= expected, 10)
+        assert sub.wait_for(lambda m: len(m) >= expected, 15)
         configs = {t: json.loads(p) for t, p, r in sub.messages if r}
         assert len(configs) == expected and all(r for _, _, r in sub.messages)
         assert len({c["unique_id"] for c in configs.values()}) == expected
