@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,13 +147,15 @@ class StreamAnalyzer(_Analyzer):
 
     def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, **kw):
         super().__init__(loaded, frontend, detect, **kw)
-        self.scorer = self.loaded.streaming_scorer(self.params.chunk_frames, self.hop_frames)
+        self._scorer: Any = None  # built on the first push(); the service's worker shares one scorer instead
         self.frames_out = 0
         self._recent = np.zeros((0, self.params.n_mels), dtype=np.float32)  # the frames of the last hop or more
 
     def push(self, samples: np.ndarray) -> list[Event]:
         """Feed audio (float32 mono at the model rate); returns the events it completed."""
-        return self.scored(self.scorer.push(self.frames(samples)))
+        if self._scorer is None:
+            self._scorer = self.loaded.streaming_scorer(self.params.chunk_frames, self.hop_frames)
+        return self.scored(self._scorer.push(self.frames(samples)))
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """First half of `push`: audio in, new log-mel frames out (for a scorer shared by several streams)."""
