@@ -19,7 +19,7 @@ from brokers import mosquitto, mosquitto_factory  # noqa: E402,F401  (fixtures: 
 # The tiny model depends only on these files; its checkpoint is cached under that key so a rerun
 # skips the ~30 s of training (a fresh clone trains it once).
 _TINY_INPUTS = ("tests/tinymodel.py", "tools/train.py", "tools/augment.py", "daemon/earshot/model.py",
-                "daemon/earshot/features.py", "daemon/earshot/synth.py", "daemon/earshot/checkpoint.py")
+                "daemon/earshot/features.py", "daemon/earshot/synth.py", "daemon/earshot/checkpoint.py", "tools/data.py")
 
 
 @pytest.fixture(scope="session")

@@ -291,3 +291,14 @@ def test_evaluate_cli_calibrates_and_reports(data_folder, tiny_checkpoint, tmp_p
     assert all(t in evaluate.THRESHOLD_GRID for t in th.values())
     assert th == result["thresholds"]
     assert load_checkpoint(model).provenance["calibration"]["thresholds"] == th
+
+
+def test_calibration_halves_give_both_halves_every_label(data_folder):
+    """Calibration and report halves are disjoint, cover all validation groups, and each holds events
+    of every class and negatives (a half without negatives could not measure false alarms)."""
+    _, val = data.split(data.read_index(data_folder))
+    halves = evaluate.calibration_halves(val)
+    assert set(halves) == {c.group for c in val}
+    for half in ("cal", "report"):
+        labels = {c.label for c in val if halves[c.group] == half}
+        assert labels == {*data.EVENT_LABELS, data.NEGATIVE}, half

@@ -48,11 +48,11 @@ class MixConfig:
     """Windows cut from each mixture (their ends spread over the last `span_s`)."""
     span_s: float = 1.5
     """The windows end at random times within the last `span_s` seconds of the mixture."""
-    p_no_event: float = 0.3
+    p_no_event: float = 0.35
     """Mixtures with no positive event at all (pure negatives)."""
     p_second_event: float = 0.1
     """Mixtures with a second positive event of another class."""
-    p_distractor: float = 0.5
+    p_distractor: float = 0.6
     """Mixtures with a hard-negative foreground event (door slam, clap, speech, ...)."""
     p_long_history: float = 0.1
     """Pure-negative mixtures with a long history (`long_history_s`), as a stream that has run for a while."""

@@ -57,7 +57,7 @@ BACKGROUND_DBFS = -35.0
 """RMS level of the mixture backgrounds (dBFS); detection is gain invariant above the level gate."""
 FA_STREAM_S = 600.0
 """False-alarm streams are cut into pieces of this length (s) before detection."""
-THRESHOLD_GRID = tuple(round(x, 3) for x in np.concatenate([np.arange(0.20, 0.90, 0.05), np.arange(0.90, 0.995, 0.01)]))
+THRESHOLD_GRID = tuple(round(x, 3) for x in np.concatenate([np.arange(0.20, 0.90, 0.05), np.arange(0.90, 0.995, 0.01), [0.995, 0.998, 0.999]]))
 """Candidate thresholds for calibration."""
 
 
@@ -174,9 +174,21 @@ def summary(counts: dict[str, ClassCounts]) -> dict[str, float]:
 # Building the evaluation streams
 
 
-def half_of(group: str) -> str:
-    """'cal' or 'report': a fixed split of validation groups for calibration."""
-    return "cal" if int(hashlib.sha256(f"earshot-calib:{group}".encode()).hexdigest(), 16) % 2 == 0 else "report"
+def calibration_halves(clips: Sequence[data.Clip]) -> dict[str, str]:
+    """Validation group -> 'cal' or 'report': per label, groups in a fixed hash order alternate halves.
+
+    Alternating within each label gives both halves events of every class and negatives whenever a
+    label has two or more validation groups; the hash order makes it independent of file order.
+    """
+    by_label: dict[str, set[str]] = defaultdict(set)
+    for c in clips:
+        by_label[c.label].add(c.group)
+    halves = {}
+    for label in sorted(by_label):
+        ranked = sorted(by_label[label], key=lambda g: hashlib.sha256(f"earshot-calib:{g}".encode()).hexdigest())
+        for i, g in enumerate(ranked):
+            halves[g] = "cal" if i % 2 == 0 else "report"
+    return halves
 
 
 @dataclass
@@ -504,8 +516,10 @@ def main(argv: list[str] | None = None) -> int:
     sr = loaded.frontend.sample_rate
     items = list(zip(val, audio))
 
+    halves = calibration_halves(val)
+
     def parts(half: str | None):
-        sel = [(c, x) for c, x in items if half is None or half_of(c.group) == half]
+        sel = [(c, x) for c, x in items if half is None or halves[c.group] == half]
         events = [trim_event(c, x, sr) for c, x in sel if c.label in labels and len(x) >= loaded.frontend.win_length]
         negatives = [(c, x) for c, x in sel if c.label == data.NEGATIVE]
         return events, negatives

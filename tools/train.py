@@ -128,10 +128,15 @@ class TrainStats:
     """What a training run did (goes into the checkpoint's provenance)."""
 
     steps: int = 0
+    """Optimizer steps taken."""
     examples: int = 0
+    """Windows seen (steps x batch size)."""
     wall_s: float = 0.0
+    """Wall-clock time of the optimisation (s)."""
     final_loss: float = float("nan")
+    """Exponential moving average (0.98) of the training loss at the end."""
     loss_history: list[float] = field(default_factory=list)
+    """That average every 100 steps."""
 
 
 def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig()) -> tuple[SoundEventCnn, TrainStats]:
@@ -190,8 +195,9 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
                 if cfg.max_minutes is None:
                     bar.update(1)
                 else:
-                    bar.n = int(1000 * progress)
-                    bar.refresh() if stats.steps % 50 == 0 else None
+                    bar.n = int(1000 * progress)  # progress in per mille of the time budget
+                    if stats.steps % 50 == 0:
+                        bar.refresh()
                 if stats.steps % 20 == 0:
                     bar.set_postfix(loss=f"{ema:.4f}", lr=f"{lr:.2e}", step=stats.steps, refresh=False)
     finally:
