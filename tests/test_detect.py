@@ -84,9 +84,16 @@ def test_config_threshold_overrides_model():
 
 
 def test_wall_clock_fields():
-    """Events carry ISO UTC wall times derived from stream time."""
-    events = _run(_detector(DetectConfig(confirm_hops=1, hold_s=0.1)), _glass([0.9, 0, 0]))
-    assert events[0][1].onset_time.endswith("Z") and events[1][1].offset_time is not None
+    """Events carry ISO UTC wall times; the end repeats the start's onset time exactly, even with a
+    live clock that moves between the two messages."""
+    clock = iter(range(1_000_000_000, 1_000_001_000))
+    rules = make_rules(LABELS, {k: 0.5 for k in LABELS}, DetectConfig(confirm_hops=1, hold_s=0.1))
+    det = Detector(LABELS, rules, source="mic", node="pi", chunk_s=CHUNK, hop_s=HOP,
+                   to_wall=lambda t: next(clock) + t)
+    events = _run(det, _glass([0.9, 0, 0]))
+    start, end = events[0][1], events[1][1]
+    assert start.onset_time.endswith("Z") and end.offset_time is not None
+    assert end.onset_time == start.onset_time
 
 
 def test_set_threshold_at_run_time():

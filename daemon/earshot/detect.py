@@ -78,6 +78,7 @@ class _Track:
         self.until = 0.0  # end of the refractory period
         self.event_id = ""
         self.onset = 0.0
+        self.onset_time = ""  # stamped once at the start, so the end message repeats it exactly
 
 
 class Detector:
@@ -180,9 +181,10 @@ class Detector:
         # The first window of the rise is the first that holds enough of the sound to score:
         # the sound began about RESPONSE_S (at least one hop) before that window's end.
         tr.onset = max(0.0, tr.first_t - max(self.hop_s, RESPONSE_S))
+        tr.onset_time = iso_utc(self.to_wall(tr.onset))
         return Event(
             type=START, id=tr.event_id, label=label, source=self.source, node=self.node,
-            onset=tr.onset, offset=None, onset_time=iso_utc(self.to_wall(tr.onset)), offset_time=None,
+            onset=tr.onset, offset=None, onset_time=tr.onset_time, offset_time=None,
             score=tr.peak,
         )
 
@@ -192,6 +194,6 @@ class Detector:
         tr.state, tr.count, tr.until = _State.REFRACTORY, 0, tr.last_t + tr.rule.hold_s + tr.rule.refractory_s
         return Event(
             type=END, id=tr.event_id, label=label, source=self.source, node=self.node,
-            onset=tr.onset, offset=offset, onset_time=iso_utc(self.to_wall(tr.onset)),
+            onset=tr.onset, offset=offset, onset_time=tr.onset_time,
             offset_time=iso_utc(self.to_wall(offset)), score=tr.peak,
         )
