@@ -205,3 +205,12 @@ def retained(broker: Mosquitto, topic: str, timeout_s: float = 5.0) -> bytes | N
         return got[-1] if got else None
     finally:
         sub.close()
+
+
+@pytest.fixture
+def closing():
+    """MQTT publishers to close after the test even if it fails: pass each one to the fixture's value."""
+    made: list = []
+    yield made.append
+    for p in made:
+        p.close(1.0)

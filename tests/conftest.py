@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))  # training and evaluation programs are importable in tests
 
-from brokers import mosquitto, mosquitto_factory  # noqa: E402,F401  (fixtures: a real broker per test)
+from brokers import closing, mosquitto, mosquitto_factory  # noqa: E402,F401  (fixtures: a real broker per test)
 
 
 # The tiny model depends only on these files; its checkpoint is cached under that key so a rerun

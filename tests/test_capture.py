@@ -481,14 +481,19 @@ def assert_has_t3(y: np.ndarray, played: np.ndarray) -> None:
     assert np.median(on) > 30 * np.median(off) + 1e-9
 
 
+def _t3_files(tmp_path: Path, seed: int) -> tuple[np.ndarray, Path, Path]:
+    """A 4 s T3 alarm, the WAV to play it from, and where the capture child saves what it heard."""
+    played = synth.t3_alarm(SR, 4.0, np.random.default_rng(seed))
+    wav = tmp_path / "t3.wav"
+    sf.write(wav, played, SR)
+    return played, wav, tmp_path / "cap.npy"
+
+
 @pytest.mark.slow
 def test_mic_capture_hears_t3_alarm_through_pulseaudio(pulse: PulseServer, tmp_path: Path) -> None:
     """MicCapture via PortAudio (ALSA 'pulse' device, 48 kHz -> 16 kHz) captures a T3 alarm played
     into the null sink: the 3.1 kHz on/off pattern is in the captured signal."""
-    played = synth.t3_alarm(SR, 4.0, np.random.default_rng(5))
-    wav = tmp_path / "t3.wav"
-    sf.write(wav, played, SR)
-    out = tmp_path / "cap.npy"
+    played, wav, out = _t3_files(tmp_path, seed=5)
     child = run_mic_child(pulse, "capture", out, 7.0)
     lines: list[str] = []
     try:
@@ -509,10 +514,7 @@ def test_mic_capture_hears_t3_alarm_through_pulseaudio(pulse: PulseServer, tmp_p
 def test_mic_survives_device_vanishing(pulse: PulseServer, tmp_path: Path) -> None:
     """When the audio server dies mid-stream the capture logs, keeps the process alive, reopens the
     device once it is back, and captures sound played after the restart."""
-    played = synth.t3_alarm(SR, 4.0, np.random.default_rng(6))
-    wav = tmp_path / "t3.wav"
-    sf.write(wav, played, SR)
-    out = tmp_path / "cap.npy"
+    played, wav, out = _t3_files(tmp_path, seed=6)
     child = run_mic_child(pulse, "capture", out, 14.0)
     lines: list[str] = []
     try:

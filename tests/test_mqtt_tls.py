@@ -49,13 +49,6 @@ def secure_broker(mosquitto_factory, tmp_path):
     return make
 
 
-@pytest.fixture
-def closing():
-    made: list[MqttPublisher] = []
-    yield made.append
-    for p in made:
-        p.close(1.0)
-
 
 def _event() -> Event:
     return Event(type="start", id=new_event_id(), label="alarm", source="mic0", node="n", onset=1.0, offset=None,

@@ -53,14 +53,6 @@ def event_topic(source: str = "mic0") -> str:
     return f"earshot/{NODE}/{source}/event"
 
 
-@pytest.fixture
-def closing():
-    """Publishers to close after the test even if it fails."""
-    made: list[MqttPublisher] = []
-    yield made.append
-    for p in made:
-        p.close(1.0)
-
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_events_state_and_status_reach_a_subscriber(mosquitto, closing, protocol):

@@ -131,28 +131,25 @@ def frames_in(n_samples: int, p: FrontendParams = FrontendParams()) -> int:
 # Filterbank and window
 
 
+# Slaney mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above.
+_F_SP = 200.0 / 3  # Hz per mel in the linear part
+_MIN_LOG_HZ = 1000.0
+_MIN_LOG_MEL = _MIN_LOG_HZ / _F_SP
+_LOGSTEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
     """Slaney mel scale: linear below 1 kHz, logarithmic above (as librosa with htk=False)."""
     hz = np.asarray(hz, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    lin = hz / f_sp
-    log = min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep
-    return np.where(hz >= min_log_hz, log, lin)
+    log = _MIN_LOG_MEL + np.log(np.maximum(hz, _MIN_LOG_HZ) / _MIN_LOG_HZ) / _LOGSTEP
+    return np.where(hz >= _MIN_LOG_HZ, log, hz / _F_SP)
 
 
 def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
     """Inverse of `_hz_to_mel`."""
     mel = np.asarray(mel, dtype=np.float64)
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
-    lin = f_sp * mel
-    log = min_log_hz * np.exp(logstep * (np.maximum(mel, min_log_mel) - min_log_mel))
-    return np.where(mel >= min_log_mel, log, lin)
+    log = _MIN_LOG_HZ * np.exp(_LOGSTEP * (np.maximum(mel, _MIN_LOG_MEL) - _MIN_LOG_MEL))
+    return np.where(mel >= _MIN_LOG_MEL, log, _F_SP * mel)
 
 
 @functools.lru_cache(maxsize=8)
