@@ -30,10 +30,12 @@ GOLDEN = ROOT / "tests" / "golden" / "shipped_scores.json"
 MAX_BYTES = 5 * 1024 * 1024
 
 
+ONNX = ROOT / "models" / "earshot.onnx"
+
+
 @pytest.fixture(scope="module")
 def shipped():
-    if not MODEL.is_file():
-        pytest.skip(f"{MODEL.relative_to(ROOT)} does not exist yet (train it with tools/train.py)")
+    assert MODEL.is_file(), f"{MODEL.relative_to(ROOT)} is missing: the daemon's default model ships with it"
     return load_checkpoint(MODEL, frontend=FrontendParams())
 
 
@@ -63,3 +65,21 @@ def test_shipped_model_scores_match_golden(shipped):
         f"shipped model scores moved by up to {diff.max():.2e}; if the model was retrained on purpose, "
         "run python tools/update_golden.py"
     )
+
+
+def test_shipped_onnx_export_is_the_same_model(shipped):
+    """models/earshot.onnx (for running without torch) is an export of models/earshot.pt: same labels,
+    thresholds and frontend, and the same scores within 1e-4 on the golden input. Re-export with
+    `earshot export-onnx models/earshot.pt models/earshot.onnx` after retraining."""
+    pytest.importorskip("onnxruntime", reason="the ONNX backend is the optional 'onnx' extra")
+    from earshot.backend import load_model
+    from earshot.offline import score_samples
+
+    onnx = load_model(ONNX, frontend=FrontendParams())
+    assert onnx.backend == "onnx"
+    assert (onnx.labels, onnx.thresholds, onnx.frontend) == (shipped.labels, shipped.thresholds, shipped.frontend)
+    audio = update_golden.golden_input(shipped.frontend.sample_rate)
+    t_pt, s_pt, _ = score_samples(audio, shipped)
+    t_onnx, s_onnx, _ = score_samples(audio, onnx)
+    assert np.array_equal(t_pt, t_onnx)
+    np.testing.assert_allclose(s_onnx, s_pt, atol=1e-4)
