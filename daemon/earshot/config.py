@@ -432,17 +432,20 @@ def _check(c: Config) -> list[str]:
         p.append("clips.pre_s, clips.post_s: must be 0 or more, together at most 60 s")
     if k.max_total_mb <= 0 or k.max_age_days <= 0:
         p.append("clips.max_total_mb, clips.max_age_days: must be positive")
-    if not re.match(r"^.+:0$", k.listen) and split_listen(k.listen) is None:
+    if split_listen(k.listen, any_port=True) is None:
         p.append(f"clips.listen: {k.listen!r} must look like 127.0.0.1:8765 (port 0..65535)")
     if split_listen(c.metrics.listen) is None:
         p.append(f"metrics.listen: {c.metrics.listen!r} must look like 127.0.0.1:9721 or [::1]:9721 (port 1..65535)")
     return p
 
 
-def split_listen(listen: str) -> tuple[str, int] | None:
-    """`host:port` or `[v6addr]:port` as (host, port), or None if malformed."""
+def split_listen(listen: str, any_port: bool = False) -> tuple[str, int] | None:
+    """`host:port` or `[v6addr]:port` as (host, port), or None if malformed.
+
+    With `any_port`, port 0 (the system picks a free one) is accepted too.
+    """
     m = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^\s:\[\]]+)):(\d{1,5})$", listen)
-    if not m or not 1 <= int(m.group(3)) <= 65535:
+    if not m or not (0 if any_port else 1) <= int(m.group(3)) <= 65535:
         return None
     return (m.group(1) or m.group(2)), int(m.group(3))
 

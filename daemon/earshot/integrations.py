@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .config import split_listen
 from .publish import PublishError
 
 log = logging.getLogger(__name__)
@@ -19,11 +20,6 @@ log = logging.getLogger(__name__)
 
 def _publisher(fanout: Any, name: str) -> Any | None:
     return next((p for p in getattr(fanout, "publishers", []) if getattr(p, "name", "") == name), None)
-
-
-def _listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 class Integrations:
@@ -86,7 +82,9 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
             raise PublishError(f"cannot use the clip directory {clip_dir}: {e.strerror}") from None
         service.taps.append(out.clips)
         if c.http:
-            host, port = _listen(c.listen)
+            address = split_listen(c.listen, any_port=True)
+            assert address is not None, "config validation checks clips.listen"
+            host, port = address
             try:
                 out.clip_server = ClipServer(clip_dir, host, port)
             except OSError as e:
