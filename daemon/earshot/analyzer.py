@@ -13,6 +13,7 @@ on a microphone.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 from dataclasses import dataclass
@@ -101,7 +102,8 @@ class _Analyzer:
     """What both analyzers share: hop geometry, the level gate and the detector."""
 
     def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, *, source: str,
-                 node: str, to_wall: Callable[[float], float], on_hop: Callable[[Hop], None] | None = None):
+                 node: str, to_wall: Callable[[float], float] | None = None,
+                 on_hop: Callable[[Hop], None] | None = None):
         p = self.params = loaded.frontend
         self.loaded = loaded  # scores through its backend (torch or ONNX Runtime)
         self.hop_frames = hop_frames(frontend, loaded)
@@ -110,7 +112,7 @@ class _Analyzer:
         self.min_level_dbfs = detect.min_level_dbfs
         self.detector = Detector(
             self.labels, make_rules(self.labels, loaded.thresholds, detect), source=source, node=node,
-            chunk_s=p.chunk_s, hop_s=self.hop_frames * p.frame_s, to_wall=to_wall,
+            chunk_s=p.chunk_s, hop_s=self.hop_frames * p.frame_s, to_wall=to_wall or self.live_wall,
         )
         self.on_hop = on_hop
         self.features = StreamingFeatures(p)
@@ -120,6 +122,10 @@ class _Analyzer:
     def seconds_in(self) -> float:
         """Audio received so far (s)."""
         return self.audio.end / self.params.sample_rate
+
+    def live_wall(self, t: float) -> float:
+        """Unix time of stream time `t` for live audio, whose newest sample is "now" (the default clock)."""
+        return time.time() - (self.seconds_in - t)
 
     def finish(self) -> list[Event]:
         """End the stream: closes events still in progress."""

@@ -281,12 +281,8 @@ class LocalFeed:
         self.state = state_for(labels, [rules[x].threshold if x in rules else math.nan for x in labels],
                                title=f"{source.kind} {what}", gate_dbfs=config.detect.min_level_dbfs)
         self.state.source = source.name
-        holder: list[StreamAnalyzer] = []
-        self.analyzer = StreamAnalyzer(
-            loaded, config.frontend, config.detect, source=source.name, node=config.node,
-            to_wall=lambda t: time.time() - (holder[0].seconds_in - t), on_hop=self._on_hop,
-        )
-        holder.append(self.analyzer)
+        self.analyzer = StreamAnalyzer(loaded, config.frontend, config.detect, source=source.name, node=config.node,
+                                       on_hop=self._on_hop)
         self.finished = False
 
     def start(self) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from typing import Any
 
 import numpy as np
@@ -64,7 +63,6 @@ class ScoreFeed:
         self.service = service
         self.node = service.config.node
         self.labels = list(service.loaded.labels)
-        self._streams: dict[str, Any] = {}
         self.sent = 0
         """Messages handed to the socket."""
         self.failed = 0
@@ -75,14 +73,12 @@ class ScoreFeed:
 
     def on_hop(self, source: str, hop: Hop) -> None:
         """Tap: publish this hop's scores."""
-        stream = self._streams.get(source)
+        # Looked up per hop (a handful of streams): a reload may replace a source's stream.
+        stream = next((s for s in self.service.streams if s.source.name == source), None)
         if stream is None:
-            stream = next((s for s in self.service.streams if s.source.name == source), None)
-            if stream is None:
-                return
-            self._streams[source] = stream
+            return
         analyzer = stream.analyzer
-        wall = time.time() - (analyzer.seconds_in - hop.t_end)
+        wall = analyzer.detector.to_wall(hop.t_end)
         msg = scores_payload(node=self.node, source=source, hop=hop, wall_s=wall, labels=self.labels,
                              thresholds=analyzer.detector.thresholds)
         if self.zmq.send(scores_topic(source), json.dumps(msg, separators=(",", ":")).encode("utf-8")):

@@ -210,19 +210,13 @@ class Service:
 
     def _analyzer(self, source: SourceConfig, config: Config | None = None) -> StreamAnalyzer:
         config = config or self.config
-        holder: list[StreamAnalyzer] = []
 
         def on_hop(hop: Hop) -> None:
             for tap in self.taps:
                 tap.on_hop(source.name, hop)
 
-        # Live audio: the newest sample is "now", so a stream time maps to now minus the audio since.
-        analyzer = StreamAnalyzer(
-            self.loaded, config.frontend, config.detect, source=source.name, node=config.node,
-            to_wall=lambda t: time.time() - (holder[0].seconds_in - t), on_hop=on_hop if self.taps else None,
-        )
-        holder.append(analyzer)
-        return analyzer
+        return StreamAnalyzer(self.loaded, config.frontend, config.detect, source=source.name, node=config.node,
+                              on_hop=on_hop if self.taps else None)
 
     def supervise(self) -> int:
         """Watch the worker until stop; returns the process exit code."""
