@@ -214,11 +214,8 @@ class Control:
 
     # ------------------------------------------------------------------ worker thread
 
-    def _stream(self, source: str) -> Any | None:
-        return next((s for s in self.service.streams if s.source.name == source), None)
-
     def _apply_source(self, source: str) -> None:
-        stream = self._stream(source)
+        stream = self.service.stream(source)
         if stream is None:
             return
         enabled = self.enabled(source)

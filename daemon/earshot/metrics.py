@@ -99,7 +99,7 @@ class MetricsTap:
         try:
             now = time.monotonic()
             backlog_s = 0.0
-            stream = self._stream(source)
+            stream = self.service.stream(source)
             if stream is not None:
                 backlog_s = stream.capture.ring.available() / float(stream.capture.samplerate or 1)
             self._arrival[source] = (now, backlog_s)
@@ -122,7 +122,7 @@ class MetricsTap:
             if start is not None:
                 infer.observe(now_pc - start)
             arrival = self._arrival.get(source)
-            stream = self._stream(source)
+            stream = self.service.stream(source)
             if arrival is not None and stream is not None:
                 # The analyzer's newest sample arrived at `arrival`; the hop's end is older by the audio after it.
                 behind_s = max(0.0, stream.analyzer.seconds_in - hop.t_end)
@@ -151,12 +151,6 @@ class MetricsTap:
                     events.labels(source, lab, kind)
             self._children[source] = children
         return children
-
-    def _stream(self, source: str) -> Any:
-        for stream in self.service.streams:
-            if stream.source.name == source:
-                return stream
-        return None
 
     def _failed(self) -> None:
         self.errors += 1

@@ -73,8 +73,7 @@ class ScoreFeed:
 
     def on_hop(self, source: str, hop: Hop) -> None:
         """Tap: publish this hop's scores."""
-        # Looked up per hop (a handful of streams): a reload may replace a source's stream.
-        stream = next((s for s in self.service.streams if s.source.name == source), None)
+        stream = self.service.stream(source)
         if stream is None:
             return
         analyzer = stream.analyzer

@@ -180,6 +180,10 @@ class Service:
         self.streams: list[Stream] = []
         self.worker: Worker | None = None
 
+    def stream(self, name: str) -> Stream | None:
+        """The running stream of the source called `name` (looked up anew: a reload may replace it)."""
+        return next((s for s in self.streams if s.source.name == name), None)
+
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT stop the service cleanly (main thread only)."""
         def handle(signum: int, _frame: object) -> None:
