@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,10 +57,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .integrations import attach
     from .metrics import attach_metrics
     from .publish import Fanout, make_publishers
-    from .service import Service
+    from .service import Service, handle_signals
 
     config = _config(args.config)
     _setup_logging("debug" if args.debug else config.log_level)
+    path = _config_path(args.config)
+    stop, reload_requested = threading.Event(), threading.Event()
+    handle_signals(stop, reload_requested if path else None)  # a SIGTERM during start-up is a clean stop too
     if args.demo or (args.demo_if_no_device and any(s.kind == "mic" for s in config.active_sources)
                      and not has_input_device()):
         if not args.demo:
@@ -75,15 +79,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     _LOGGER.info("earshot %s, model %s; thresholds %s", __version__, loaded.provenance.get("name", "earshot"),
                  ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
-    path = _config_path(args.config)
-    service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None)
+    service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None,
+                      stop=stop, reload_requested=reload_requested)
     attach_metrics(service)  # Prometheus endpoint ([metrics]); logs and carries on if it cannot serve
     try:
         integrations = attach(service, config, publisher)  # control, Home Assistant, clips, score feed
     except BaseException:
         publisher.close(timeout_s=1.0)
         raise
-    service.install_signal_handlers()
     try:
         service.start()
     except BaseException:

@@ -42,6 +42,21 @@ STATS_EVERY_S = 300.0
 """Interval of the periodic health line in the log (s)."""
 
 
+def handle_signals(stop: threading.Event, reload_requested: threading.Event | None = None) -> None:
+    """SIGTERM/SIGINT set `stop`, SIGHUP sets `reload_requested` (main thread only).
+
+    Installed before anything slow starts, so a SIGTERM during start-up is a clean stop too; pass the
+    same events to the Service.
+    """
+    def handle(signum: int, _frame: object) -> None:
+        _LOGGER.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    if reload_requested is not None:
+        signal.signal(signal.SIGHUP, lambda _s, _f: reload_requested.set())
+
+
 class Tap(Protocol):
     """Something that watches the streams from the worker thread (clips, metrics, score feeds).
 
@@ -170,29 +185,20 @@ class Service:
 
     def __init__(self, config: Config, loaded: LoadedModel, publisher: Fanout,
                  notifier: Notifier | None = None, taps: list[Tap] | None = None,
-                 reload_config: Callable[[], Config] | None = None):
+                 reload_config: Callable[[], Config] | None = None, stop: threading.Event | None = None,
+                 reload_requested: threading.Event | None = None):
         self.config, self.loaded, self.publisher = config, loaded, publisher
         self.reload_config = reload_config
-        self.reload_requested = threading.Event()
+        self.reload_requested = reload_requested or threading.Event()
         self.notifier = notifier or Notifier()
         self.taps = list(taps or [])
-        self.stop = threading.Event()
+        self.stop = stop or threading.Event()
         self.streams: list[Stream] = []
         self.worker: Worker | None = None
 
     def stream(self, name: str) -> Stream | None:
         """The running stream of the source called `name` (looked up anew: a reload may replace it)."""
         return next((s for s in self.streams if s.source.name == name), None)
-
-    def install_signal_handlers(self) -> None:
-        """SIGTERM/SIGINT stop the service cleanly (main thread only)."""
-        def handle(signum: int, _frame: object) -> None:
-            _LOGGER.info("received %s, stopping", signal.Signals(signum).name)
-            self.stop.set()
-        signal.signal(signal.SIGTERM, handle)
-        signal.signal(signal.SIGINT, handle)
-        if self.reload_config is not None:
-            signal.signal(signal.SIGHUP, lambda _s, _f: self.reload_requested.set())
 
     def start(self) -> None:
         """Open every source and start the worker; raises CaptureError if a source cannot open."""
