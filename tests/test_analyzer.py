@@ -17,7 +17,7 @@ LABELS = ("alarm", "glass_break", "gunshot")
 @pytest.fixture(scope="module")
 def random_model() -> LoadedModel:
     torch.manual_seed(0)
-    dims = CnnDims(channels=(4, 8, 8, 8), embed_dim=16)
+    dims = CnnDims(channels=(4, 8, 8, 8, 8), embed_dim=16)
     model = SoundEventCnn(dims).eval()
     return LoadedModel(model, dims, LABELS, FrontendParams(), {k: 0.5 for k in LABELS}, {})
 

@@ -25,7 +25,7 @@ CHUNK, HOP = 100, 10
 LABELS = ("alarm", "glass_break", "gunshot")
 
 
-SMALL = CnnDims(channels=(8, 12, 16, 16), embed_dim=24)
+SMALL = CnnDims(channels=(8, 12, 16, 16, 16), embed_dim=24)
 
 
 @pytest.fixture(scope="module")

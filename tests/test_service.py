@@ -69,7 +69,7 @@ class NullPublisher:
 @pytest.fixture
 def loaded():
     torch.manual_seed(0)
-    dims = CnnDims(channels=(4, 4, 4, 4), embed_dim=8)
+    dims = CnnDims(channels=(4, 4, 4, 4, 4), embed_dim=8)
     return LoadedModel(SoundEventCnn(dims).eval(), dims, LABELS, FrontendParams(), {k: 0.99 for k in LABELS}, {})
 
 

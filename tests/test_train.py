@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "tools") not in sys.path:
@@ -26,7 +27,7 @@ import train  # noqa: E402
 
 from earshot import synth  # noqa: E402
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import load_checkpoint  # noqa: E402
+from earshot.model import CnnDims, SoundEventCnn, load_checkpoint  # noqa: E402
 from earshot.offline import detect_samples  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -168,11 +169,44 @@ def test_mixer_examples_have_window_shape_and_some_of_every_class():
     ex = [e for _ in range(40) for e in m.examples(rng)]
     p = FrontendParams()
     assert all(x.shape == (p.chunk_frames, p.n_mels) and x.dtype == np.float32 for x, _, _ in ex)
-    y = np.stack([e[1] for e in ex])
+    assert all(y.shape == (1, 3) and k.shape == (1, 3) for _, y, k in ex)
+    y = np.stack([e[1][0] for e in ex])
     assert set(np.unique(y)) <= {0.0, 1.0}
     assert (y.sum(axis=0) > 0).all()
     assert (y.sum(axis=1) == 0).sum() > len(ex) // 4
     assert all(np.isfinite(x).all() for x, _, _ in ex)
+
+
+def test_segments_label_every_window_of_the_span():
+    """A segment holds `segment_windows` windows every WINDOW_HOP frames; its targets are exactly the
+    per-window labels of those window ends, and a few dozen segments cover every class."""
+    m = _mixer()
+    p, w = FrontendParams(), m.cfg.segment_windows
+    rng = np.random.default_rng(4)
+    segs = [e for _ in range(30) for e in m.segments(rng)]
+    assert all(x.shape == (p.chunk_frames + (w - 1) * augment.WINDOW_HOP, p.n_mels) and x.dtype == np.float32
+               for x, _, _ in segs)
+    assert all(y.shape == (w, 3) and k.shape == (w, 3) for _, y, k in segs)
+    y = np.concatenate([s[1] for s in segs])
+    assert (y.sum(axis=0) > 0).all() and (y.sum(axis=1) == 0).any()
+    # Within one segment an event enters or leaves: targets change along the windows somewhere.
+    assert any((s[1][1:] != s[1][:-1]).any() for s in segs)
+
+
+def test_window_logits_of_a_segment_equal_the_model_on_each_window():
+    """Training pools each window of a segment from shared frame embeddings; in eval mode that is the
+    same as running the model on every window cut out separately (what the daemon scores)."""
+    torch.manual_seed(0)
+    model = SoundEventCnn(CnnDims(channels=(4, 6, 8, 8, 8), embed_dim=12)).eval()
+    chunk, hop, w = 100, augment.WINDOW_HOP, 6
+    x = torch.randn(2, chunk + (w - 1) * hop, 64)
+    with torch.no_grad():
+        got = train.window_logits(model, x, chunk, hop)
+        want = torch.stack([model(x[:, i * hop : i * hop + chunk]) for i in range(w)], dim=1)
+    assert got.shape == (2, w, 3)
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError):
+        train.window_logits(model, x[:, :-3], chunk, hop)
 
 
 def test_mixer_is_deterministic_for_a_seed():
@@ -257,11 +291,11 @@ def test_train_cli_writes_a_loadable_checkpoint_with_provenance(data_folder, tmp
     accepts, thresholds 0.5, and provenance naming the data index, seed, steps and split."""
     out = tmp_path / "m.pt"
     rc = train.main(["--data", str(data_folder), "--out", str(out), "--steps", "3", "--minutes", "0",
-                     "--workers", "0", "--batch-size", "8", "--no-progress", "--dims", "channels=4,4,4,4 embed_dim=8"])
+                     "--workers", "0", "--batch-size", "8", "--no-progress", "--dims", "channels=4,4,4 embed_dim=8"])
     assert rc == 0
     loaded = load_checkpoint(out)
     prov = loaded.provenance
-    assert prov["steps"] == 3 and prov["examples_seen"] == 24 and prov["seed"] == 0
+    assert prov["steps"] == 3 and prov["examples_seen"] == 3 * 8 * 16 and prov["seed"] == 0
     assert prov["data_index_sha256"] == data.index_sha256(data_folder)
     assert prov["validation"]["groups"] > 0 and prov["train"]["groups"] > 0
     assert loaded.thresholds == {"alarm": 0.5, "glass_break": 0.5, "gunshot": 0.5}

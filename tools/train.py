@@ -1,11 +1,14 @@
 """Train the earshot detector on mixtures of real recordings.
 
-    python tools/train.py --data ../shared/data --out models/earshot.pt [--minutes 25] [--seed 0]
+    python tools/train.py --data ../shared/data --out models/earshot.pt [--minutes 40] [--seed 0]
 
-Windows come from `augment.Mixer` (events mixed into negative backgrounds, run through the daemon's
-own frontend), made in DataLoader worker processes while the main process trains. The loss is a
-masked multi-label binary cross-entropy (windows where a class is ambiguous are ignored for that
-class); AdamW with a one-cycle schedule (warm-up, then cosine decay). With `--minutes` the schedule
+Segments come from `augment.Mixer.segments` (events mixed into negative backgrounds, run through the
+daemon's own frontend), made in a DataLoader worker process while the main process trains. Each
+segment holds 16 overlapping 1 s windows, 0.1 s apart, as the daemon scores them; the network
+computes each frame once and pools every window from the shared frame outputs (`window_logits`).
+The loss is a masked multi-label binary cross-entropy per window (a class is ignored in windows
+where it is ambiguous); AdamW with a one-cycle schedule (warm-up, then cosine decay); the checkpoint
+holds the exponential moving average of the weights (`update_average`). With `--minutes` the schedule
 runs on wall-clock progress, so the run ends on time on any machine; the number of steps actually
 taken is recorded in the checkpoint's provenance and `--steps N` alone replays a fixed-length run.
 
@@ -22,6 +25,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -38,7 +42,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import CnnDims, SoundEventCnn, macs_per_frame, save_checkpoint  # noqa: E402
+from earshot.model import CnnDims, SoundEventCnn, attention_pool, macs_per_frame, save_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402
@@ -56,7 +60,7 @@ class TrainConfig:
     steps: int = 100_000
     """Optimizer steps (the schedule's length unless `max_minutes` ends the run first)."""
     batch_size: int = 128
-    """Windows per step."""
+    """Examples (windows or segments) per step."""
     lr: float = 3e-3
     """Peak learning rate (AdamW)."""
     weight_decay: float = 1e-2
@@ -73,6 +77,9 @@ class TrainConfig:
     """torch threads of the training process."""
     shuffle_buffer: int = 512
     """Windows held by each worker to decorrelate windows cut from the same mixture."""
+    ema_decay: float = 0.999
+    """Decay of the exponential moving average of the weights that is returned (ramped up as
+    min(decay, (1 + step) / (10 + step)), so short runs average over their last steps only)."""
     pos_weight: tuple[float, ...] = field(default_factory=tuple)
     """Per-class weight of positive targets in the loss (empty = 1 for all)."""
     progress: bool = True
@@ -109,6 +116,39 @@ class ExampleStream(torch.utils.data.IterableDataset):
                     yield buf.pop(0)
 
 
+def window_logits(model: SoundEventCnn, x: torch.Tensor, chunk_frames: int, hop_frames: int = augment.WINDOW_HOP) -> torch.Tensor:
+    """Logits (B, W, C) of the windows of `chunk_frames` ending every `hop_frames` in x (B, T, n_mels), the last at T.
+
+    The frame embeddings are computed once for the whole segment and pooled per window, exactly as
+    `model(window)` would pool them (the convolutions are valid in time, so an embedding does not
+    depend on where the window starts).
+    """
+    logits, att = model.frame_outputs(model.embed(x))  # (B, L, C)
+    n = chunk_frames - model.dims.receptive_frames + 1  # embeddings per window
+    if (logits.shape[1] - n) % hop_frames:
+        raise ValueError(f"segment of {x.shape[1]} frames is not {chunk_frames} + a multiple of {hop_frames}")
+    lw = logits.unfold(1, n, hop_frames).transpose(-1, -2)  # (B, W, n, C)
+    aw = att.unfold(1, n, hop_frames).transpose(-1, -2)
+    return attention_pool(lw, aw)
+
+
+@torch.no_grad()
+def update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
+    """averaged <- decay * averaged + (1 - decay) * model, for weights and BatchNorm statistics.
+
+    The average of the weights along the end of the run generalises better than the last step's
+    weights and needs no extra forward passes; BatchNorm running statistics are averaged the same
+    way, its step counters copied.
+    """
+    for a, p in zip(averaged.parameters(), model.parameters()):
+        a.lerp_(p, 1.0 - decay)
+    for a, b in zip(averaged.buffers(), model.buffers()):
+        if a.dtype.is_floating_point:
+            a.lerp_(b, 1.0 - decay)
+        else:
+            a.copy_(b)
+
+
 def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
     """Mean binary cross-entropy over the (window, class) pairs with mask 1."""
     loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
@@ -130,7 +170,7 @@ class TrainStats:
     steps: int = 0
     """Optimizer steps taken."""
     examples: int = 0
-    """Windows seen (steps x batch size)."""
+    """Labelled windows seen (steps x batch size x windows per example)."""
     wall_s: float = 0.0
     """Wall-clock time of the optimisation (s)."""
     final_loss: float = float("nan")
@@ -139,11 +179,13 @@ class TrainStats:
     """That average every 100 steps."""
 
 
-def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig()) -> tuple[SoundEventCnn, TrainStats]:
-    """Train a `SoundEventCnn` on windows from `make_examples`; returns it in eval mode, with stats."""
+def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig(),
+          chunk_frames: int = FrontendParams().chunk_frames) -> tuple[SoundEventCnn, TrainStats]:
+    """Train a `SoundEventCnn` on windows or segments from `make_examples`; returns it in eval mode, with stats."""
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     model = SoundEventCnn(dims)
+    averaged = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = ExampleStream(make_examples, cfg.seed, cfg.shuffle_buffer)
     loader = torch.utils.data.DataLoader(
@@ -177,18 +219,19 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y, m = next(it)
-            logits = model(x)
+            logits = window_logits(model, x, chunk_frames)
             loss = masked_bce(logits, y, m, pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             opt.step()
+            update_average(averaged, model, min(cfg.ema_decay, (1 + stats.steps) / (10 + stats.steps)))
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise RuntimeError(f"training diverged at step {stats.steps} (loss {value})")
             ema = value if ema is None else 0.98 * ema + 0.02 * value
             stats.steps += 1
-            stats.examples += x.shape[0]
+            stats.examples += y.shape[0] * y.shape[1]
             if stats.steps % 100 == 0:
                 stats.loss_history.append(round(ema, 5))
             if bar is not None:
@@ -206,8 +249,8 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
         del it  # shuts the workers down
     stats.wall_s = time.monotonic() - t0
     stats.final_loss = float("nan") if ema is None else ema
-    model.eval()
-    return model, stats
+    averaged.eval()
+    return averaged, stats
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +280,11 @@ def parse_dims(text: str | None) -> CnnDims:
     for key in ("channels", "freq_strides", "time_kernels", "dilations"):
         if key in kw and isinstance(kw[key], int):
             kw[key] = [kw[key]]
+    # A different depth given by `channels` alone: stride 2, kernel 3 and doubling dilations per layer.
+    n = len(kw.get("channels", CnnDims().channels))
+    kw.setdefault("freq_strides", [2] * n)
+    kw.setdefault("time_kernels", [3] * n)
+    kw.setdefault("dilations", [2**i for i in range(n)])
     return CnnDims(**kw)
 
 
@@ -245,16 +293,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default=str(data.default_data_dir()), help="data folder with index.csv")
     ap.add_argument("--out", default="models/earshot.pt", help="checkpoint to write")
-    ap.add_argument("--minutes", type=float, default=25.0, help="wall-clock budget for the optimisation (0 = none)")
+    ap.add_argument("--minutes", type=float, default=40.0, help="wall-clock budget for the optimisation (0 = none)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: as many as --minutes allows)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=int, default=32, help="segments per step")
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--workers", type=int, default=1, help="example-making worker processes")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for training (default: 2 minus --workers, at least 1: on a 2-core machine "
                          "oversubscribed OpenMP threads make each step several times slower)")
-    ap.add_argument("--windows", type=int, default=MIX_WINDOWS, help="windows cut from each mixture")
+    ap.add_argument("--windows", type=int, default=SEGMENT_WINDOWS,
+                    help=f"windows per training segment, every {augment.WINDOW_HOP} frames")
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -279,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --dims: {exc}", file=sys.stderr)
         return 2
     labels = data.EVENT_LABELS
-    mixer = augment.real_mixer(list(zip(train_clips, audio)), labels, frontend, augment.MixConfig(windows=args.windows))
+    span_s = max(augment.MixConfig().span_s, (args.windows - 1) * augment.WINDOW_HOP * frontend.hop_length / frontend.sample_rate)
+    mix_cfg = augment.MixConfig(segment_windows=args.windows, span_s=span_s)
+    mixer = augment.real_mixer(list(zip(train_clips, audio)), labels, frontend, mix_cfg)
     cfg = TrainConfig(
         steps=args.steps if args.steps is not None else 10_000_000,
         batch_size=args.batch_size,
@@ -296,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in SoundEventCnn(dims).parameters())
     log.info("torch threads %d, example workers %d", cfg.threads, cfg.num_workers)
     log.info("model %s: %d parameters, %.1f M MAC/s of audio", dims, n_params, macs_per_frame(dims) * 100 / 1e6)
-    model, stats = train(mixer.examples, dims, cfg)
+    model, stats = train(mixer.segments, dims, cfg, frontend.chunk_frames)
     log.info("trained %d steps (%d windows) in %.1f min, final loss %.4f", stats.steps, stats.examples, stats.wall_s / 60,
              stats.final_loss)
     provenance = {
@@ -324,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-MIX_WINDOWS = augment.MixConfig().windows
+SEGMENT_WINDOWS = augment.MixConfig().segment_windows
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,25 +1,25 @@
 """Model stage: the streaming sound-event CNN and its streaming/offline scorers.
 
-Architecture (`CnnDims` defaults; 183 k multiply-adds per 10 ms frame, see `macs_per_frame`):
+Architecture (`CnnDims` defaults; 234 k multiply-adds per 10 ms frame, see `macs_per_frame`):
 
     features (B, T, 64) -> per-mel-bin BatchNorm
-    4 x [Conv2d 3x3 over (freq, time): freq stride 2, freq padding 1 ("same"),
-         time unpadded ("valid") with dilations 1, 2, 4, 8 -> BatchNorm -> ReLU]
-         channels 16, 24, 32, 48; freq 64 -> 32 -> 16 -> 8 -> 4
-    flatten (channels x freq = 192) -> 1x1 projection to a 64-d per-frame embedding
+    5 x [Conv2d 3x3 over (freq, time): freq stride 2, freq padding 1 ("same"),
+         time unpadded ("valid") with dilations 1, 2, 4, 8, 16 -> BatchNorm -> ReLU]
+         channels 16, 24, 32, 48, 64; freq 64 -> 32 -> 16 -> 8 -> 4 -> 2
+    flatten (channels x freq = 128) -> 1x1 projection to a 64-d per-frame embedding
     per-frame heads: frame_logits Linear(64 -> C), frame_attention Linear(64 -> C)
     window pooling: per class, softmax(attention) over the L = T - R + 1 frame positions
                     whose receptive field lies inside the window, logit = sum(w * frame_logit)
 
 Why this shape:
 
-- Valid (unpadded) convolutions in time make every embedding a function of exactly R = 31
-  consecutive frames (0.31 s), independent of where the window starts. So the live path
+- Valid (unpadded) convolutions in time make every embedding a function of exactly R = 63
+  consecutive frames (0.63 s), independent of where the window starts. So the live path
   computes each frame through each layer exactly once (`StreamingScorer` caches the last
   (k-1)*dilation inputs of each layer) and a 1 s window slid by 0.1 s costs 10 new frames,
-  not 100. Dilations 1-2-4-8 reach 0.31 s of context with four cheap layers, enough for an
-  impulsive gunshot or glass break; the 1 s window gives alarms their periodicity through
-  pooling.
+  not 100. Dilations 1-2-4-8-16 reach 0.63 s of context with five cheap layers: a whole
+  gunshot or glass break with its tail, a stretch of a siren's sweep, a T3 beep with its gap;
+  the 1 s window adds the rest through pooling.
 - Frequency stride 2 per layer keeps cost low (most MACs are in the narrow upper layers)
   while "same" padding over frequency needs no state.
 - Attention pooling gives a weakly-labelled clip (one label per window) a way to focus on
@@ -27,7 +27,7 @@ Why this shape:
 - BatchNorm is affine at inference, so the streaming scorer folds it into the
   convolutions; dropout (on the embedding) acts only in training.
 
-At about 100 frames/s the network costs ~18 M MAC/s per stream, a fraction of a percent of
+At about 100 frames/s the network costs ~23 M MAC/s per stream, a fraction of a percent of
 one core once per-call overhead is amortised over a 10-frame hop (see tools/bench.py).
 
 The checkpoint format (`LoadedModel`, `save_checkpoint`, `load_checkpoint`) lives in

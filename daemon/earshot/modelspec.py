@@ -21,14 +21,15 @@ class CnnDims:
 
     n_mels: int = 64
     """Mel bands per input frame (must equal the frontend's n_mels)."""
-    channels: tuple[int, ...] = (16, 24, 32, 48)
+    channels: tuple[int, ...] = (16, 24, 32, 48, 64)
     """Output channels of each conv layer."""
-    freq_strides: tuple[int, ...] = (2, 2, 2, 2)
+    freq_strides: tuple[int, ...] = (2, 2, 2, 2, 2)
     """Stride over frequency of each conv layer (mel bins)."""
-    time_kernels: tuple[int, ...] = (3, 3, 3, 3)
+    time_kernels: tuple[int, ...] = (3, 3, 3, 3, 3)
     """Kernel size over time of each conv layer (frames)."""
-    dilations: tuple[int, ...] = (1, 2, 4, 8)
-    """Dilation over time of each conv layer (frames)."""
+    dilations: tuple[int, ...] = (1, 2, 4, 8, 16)
+    """Dilation over time of each conv layer (frames): 1-2-4-8-16 gives each frame embedding 0.63 s of
+    context (a siren's sweep, a T3 beep and its gap) for one extra layer on 2 frequency bins."""
     freq_kernel: int = 3
     """Kernel size over frequency of every conv layer (mel bins), odd; 'same' padding."""
     embed_dim: int = 64
