@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from earshot.config import DetectConfig
-from earshot.detect import RESPONSE_S, Detector, LabelRule, make_rules
+from earshot.detect import RESPONSE_S, RISE_FRACTION, Detector, LabelRule, make_rules
 
 pytestmark = pytest.mark.timeout(30)
 LABELS = ["alarm", "glass_break", "gunshot"]
@@ -107,12 +107,17 @@ def test_set_threshold_at_run_time():
 
 
 def test_onset_dated_from_the_rise():
-    """Scores climbing through threshold*hysteresis before crossing the threshold date the onset from the
-    start of the climb, not from the crossing (otherwise slowly building sounds are reported late)."""
-    det = _detector(DetectConfig(confirm_hops=2, hysteresis=0.5))
+    """Scores climbing through half the threshold before crossing it date the onset from the start of
+    the climb, not from the crossing (otherwise slowly building sounds are reported late); the
+    hysteresis does not move where the climb starts."""
+    assert RISE_FRACTION == 0.5
+    det = _detector(DetectConfig(confirm_hops=2, hysteresis=0.9))
     events = _run(det, _glass([0.1, 0.3, 0.4, 0.6, 0.7] + [0.8] * 5 + [0] * 20))
     start = events[0][1]
     assert start.onset == pytest.approx(1.1 - RESPONSE_S)  # the climb began at the window ending at 1.1 s
     det = _detector(DetectConfig(confirm_hops=2, hysteresis=0.5))
     events = _run(det, _glass([0.3, 0.1, 0.1, 0.6, 0.7] + [0.8] * 5 + [0] * 20))  # an interrupted climb
     assert events[0][1].onset == pytest.approx(1.3 - RESPONSE_S)
+    det = _detector(DetectConfig(confirm_hops=2))
+    events = _run(det, _glass([0.2, 0.26, 0.3, 0.6, 0.7] + [0.8] * 5 + [0] * 20))  # 0.2 < 0.25 <= 0.26
+    assert events[0][1].onset == pytest.approx(1.1 - RESPONSE_S)

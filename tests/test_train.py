@@ -209,6 +209,32 @@ def test_window_logits_of_a_segment_equal_the_model_on_each_window():
         train.window_logits(model, x[:, :-3], chunk, hop)
 
 
+def test_weight_average_moves_towards_the_model_and_copies_counters():
+    """update_average: averaged <- d * averaged + (1 - d) * model for weights and BatchNorm statistics;
+    integer counters are copied."""
+    torch.manual_seed(0)
+    dims = CnnDims(channels=(4, 4), freq_strides=(2, 2), time_kernels=(3, 3), dilations=(1, 2), embed_dim=8)
+    model, averaged = SoundEventCnn(dims), SoundEventCnn(dims)
+    with torch.no_grad():
+        model.input_norm.running_mean.fill_(1.0)
+        model.input_norm.num_batches_tracked.fill_(7)
+    before = [p.detach().clone() for p in averaged.parameters()]
+    train.update_average(averaged, model, 0.75)
+    for a, b, m in zip(averaged.parameters(), before, model.parameters()):
+        assert torch.allclose(a, 0.75 * b + 0.25 * m)
+    assert torch.allclose(averaged.input_norm.running_mean, torch.full((64,), 0.25))
+    assert int(averaged.input_norm.num_batches_tracked) == 7
+
+
+def test_mix_overrides_parse_and_reject_unknown_fields():
+    """--mix 'p_reverb=0.5 ebr_db=-5,15' gives MixConfig overrides; an unknown name is an error."""
+    assert train.parse_mix("p_reverb=0.5 ebr_db=-5,15 segment_windows=8") == {
+        "p_reverb": 0.5, "ebr_db": (-5.0, 15.0), "segment_windows": 8}
+    assert augment.MixConfig(**train.parse_mix("p_reverb=0.5")).p_reverb == 0.5
+    with pytest.raises(ValueError, match="p_revreb"):
+        train.parse_mix("p_revreb=0.5")
+
+
 def test_mixer_is_deterministic_for_a_seed():
     """The same seed gives the same windows (training runs are reproducible)."""
     a = _mixer().examples(np.random.default_rng(5))

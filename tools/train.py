@@ -26,6 +26,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import shlex  # noqa: E402
@@ -288,6 +289,21 @@ def parse_dims(text: str | None) -> CnnDims:
     return CnnDims(**kw)
 
 
+def parse_mix(text: str | None) -> dict[str, float | tuple[float, ...]]:
+    """MixConfig overrides from 'p_reverb=0.5 ebr_db=-5,15' (numbers; ranges comma-separated)."""
+    names = {f.name for f in dataclasses.fields(augment.MixConfig)}
+    out: dict[str, float | tuple[float, ...]] = {}
+    for item in (text or "").split():
+        key, _, value = item.partition("=")
+        if key not in names:
+            raise ValueError(f"unknown MixConfig field {key!r}")
+        numbers = tuple(float(v) for v in value.split(","))
+        out[key] = numbers if len(numbers) > 1 else numbers[0]
+        if key in ("windows", "segment_windows", "max_time_mask", "max_freq_mask"):
+            out[key] = int(numbers[0])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -305,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=SEGMENT_WINDOWS,
                     help=f"windows per training segment, every {augment.WINDOW_HOP} frames")
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
+    ap.add_argument("--mix", default=None, help="MixConfig overrides (augment.py), e.g. 'p_reverb=0.5 p_channel=0.4'")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -327,9 +344,14 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"error: --dims: {exc}", file=sys.stderr)
         return 2
+    try:
+        mix_overrides = parse_mix(args.mix)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --mix: {exc}", file=sys.stderr)
+        return 2
     labels = data.EVENT_LABELS
     span_s = max(augment.MixConfig().span_s, (args.windows - 1) * augment.WINDOW_HOP * frontend.hop_length / frontend.sample_rate)
-    mix_cfg = augment.MixConfig(segment_windows=args.windows, span_s=span_s)
+    mix_cfg = augment.MixConfig(**{"segment_windows": args.windows, "span_s": span_s, **mix_overrides})
     mixer = augment.real_mixer(list(zip(train_clips, audio)), labels, frontend, mix_cfg)
     cfg = TrainConfig(
         steps=args.steps if args.steps is not None else 10_000_000,
@@ -366,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         "validation": {"files": len(val_clips), "groups": len({c.group for c in val_clips}), **data.summarize(val_clips)},
         "split": f"by group, {data.VAL_FRACTION:.0%} of the groups of every (label, source), salt {data.SPLIT_SALT}",
         "sources": sorted({c.source for c in clips}),
+        "mix": dataclasses.asdict(mix_cfg),
         "parameters": n_params,
         "torch": torch.__version__,
     }

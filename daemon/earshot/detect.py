@@ -53,6 +53,12 @@ def make_rules(labels: Sequence[str], model_thresholds: dict[str, float], cfg: D
 RESPONSE_S = 0.2
 """How much of a sound the model needs in its window before its score rises (s); measured on the
 validation mixtures (median detection delay), used to date onsets."""
+RISE_FRACTION = 0.5
+"""A score's rise towards a start is dated from the first hop of the run at or above this fraction of
+the threshold. Scores climb over a few hops as a sound fills the window, slower for a siren building
+up; dating from half the threshold rather than from the exit threshold (0.7 of it) put more onsets
+within the 0.5 s collar on the calibration half of the validation mixtures (class-mean F1 at 0 dB
+0.64 -> 0.68) and changes only when an event is said to begin, never whether it fires."""
 _EPS_S = 1e-6
 """Tolerance for comparing hop times (s): hop times are sums of floats."""
 
@@ -72,7 +78,7 @@ class _Track:
         self.state = _State.IDLE
         self.count = 0
         self.first_t = 0.0  # window end time of the first hop of the run that led to the event
-        self.rise_t: float | None = None  # while idle: first hop of the current run above the exit threshold
+        self.rise_t: float | None = None  # while idle: first hop of the current run at or above RISE_FRACTION * threshold
         self.last_t = 0.0  # window end time of the last hop above the exit threshold
         self.peak = 0.0
         self.until = 0.0  # end of the refractory period
@@ -167,7 +173,7 @@ class Detector:
             tr.state, tr.count = _State.IDLE, 0
             # Scores usually rise over a few hops as a sound fills the window; remember where the
             # rise began so the onset is not reported late.
-            tr.rise_t = (tr.rise_t if tr.rise_t is not None else t) if score >= rule.exit_threshold else None
+            tr.rise_t = (tr.rise_t if tr.rise_t is not None else t) if score >= RISE_FRACTION * rule.threshold else None
             return None
         if tr.state is _State.IDLE:
             first = tr.rise_t if tr.rise_t is not None else t
