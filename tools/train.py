@@ -77,7 +77,7 @@ class TrainConfig:
     threads: int = 2
     """torch threads of the training process."""
     shuffle_buffer: int = 512
-    """Windows held by each worker to decorrelate windows cut from the same mixture."""
+    """Examples held by each worker to decorrelate consecutive ones."""
     ema_decay: float = 0.999
     """Decay of the exponential moving average of the weights that is returned (ramped up as
     min(decay, (1 + step) / (10 + step)), so short runs average over their last steps only)."""
@@ -291,16 +291,14 @@ def parse_dims(text: str | None) -> CnnDims:
 
 def parse_mix(text: str | None) -> dict[str, float | tuple[float, ...]]:
     """MixConfig overrides from 'p_reverb=0.5 ebr_db=-5,15' (numbers; ranges comma-separated)."""
-    names = {f.name for f in dataclasses.fields(augment.MixConfig)}
+    types = {f.name: f.type for f in dataclasses.fields(augment.MixConfig)}  # annotations as strings
     out: dict[str, float | tuple[float, ...]] = {}
     for item in (text or "").split():
         key, _, value = item.partition("=")
-        if key not in names:
+        if key not in types:
             raise ValueError(f"unknown MixConfig field {key!r}")
         numbers = tuple(float(v) for v in value.split(","))
-        out[key] = numbers if len(numbers) > 1 else numbers[0]
-        if key in ("windows", "segment_windows", "max_time_mask", "max_freq_mask"):
-            out[key] = int(numbers[0])
+        out[key] = int(numbers[0]) if types[key] == "int" else (numbers if len(numbers) > 1 else numbers[0])
     return out
 
 
