@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import CnnDims, SoundEventCnn, attention_pool, macs_per_frame, save_checkpoint  # noqa: E402
+from earshot.model import CnnDims, SoundEventCnn, macs_per_frame, pool_windows, save_checkpoint  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402
@@ -120,17 +120,16 @@ class ExampleStream(torch.utils.data.IterableDataset):
 def window_logits(model: SoundEventCnn, x: torch.Tensor, chunk_frames: int, hop_frames: int = augment.WINDOW_HOP) -> torch.Tensor:
     """Logits (B, W, C) of the windows of `chunk_frames` ending every `hop_frames` in x (B, T, n_mels), the last at T.
 
-    The frame embeddings are computed once for the whole segment and pooled per window, exactly as
-    `model(window)` would pool them (the convolutions are valid in time, so an embedding does not
-    depend on where the window starts).
+    The frame embeddings are computed once for the whole segment and pooled per window by
+    `pool_windows`, as the daemon's batch scorer pools them; the result equals `model(window)` for
+    every window (the convolutions are valid in time, so an embedding does not depend on where the
+    window starts).
     """
     logits, att = model.frame_outputs(model.embed(x))  # (B, L, C)
     n = chunk_frames - model.dims.receptive_frames + 1  # embeddings per window
     if (logits.shape[1] - n) % hop_frames:
         raise ValueError(f"segment of {x.shape[1]} frames is not {chunk_frames} + a multiple of {hop_frames}")
-    lw = logits.unfold(1, n, hop_frames).transpose(-1, -2)  # (B, W, n, C)
-    aw = att.unfold(1, n, hop_frames).transpose(-1, -2)
-    return attention_pool(lw, aw)
+    return pool_windows(logits, att, n, hop_frames)
 
 
 @torch.no_grad()

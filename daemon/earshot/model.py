@@ -154,6 +154,14 @@ def attention_pool(logits: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
     return (w * logits).sum(dim=-2)
 
 
+def pool_windows(logits: torch.Tensor, att: torch.Tensor, window: int, hop: int) -> torch.Tensor:
+    """Window logits (..., W, C) from per-frame logits and attention (..., L, C): every window of
+    `window` frame positions starting every `hop` positions from 0, pooled by `attention_pool`."""
+    lw = logits.unfold(-2, window, hop).transpose(-1, -2)  # (..., W, window, C)
+    aw = att.unfold(-2, window, hop).transpose(-1, -2)
+    return attention_pool(lw, aw)
+
+
 # ------------------------------------------------------------------------------------------
 # Inference: BatchNorm folded into the convolutions, shared by the streaming and offline paths
 
@@ -379,10 +387,8 @@ def score_windows(
             logits, att = net.frame_outputs(seg)  # (1, m, C) each
             parts.append(torch.cat((logits[0], att[0]), dim=1))  # (m, 2C)
         per_frame = torch.cat(parts)  # (T - R + 1, 2C)
-        windows = per_frame.unfold(0, big_l, hop_frames)  # (N, 2C, L): window k starts at k*hop
-        windows = windows.transpose(1, 2)  # (N, L, 2C)
         n = dims.n_classes
-        scores = torch.sigmoid(attention_pool(windows[..., :n], windows[..., n:]))  # (N, C)
+        scores = torch.sigmoid(pool_windows(per_frame[:, :n], per_frame[:, n:], big_l, hop_frames))  # (N, C)
     ends = chunk_frames + hop_frames * np.arange(scores.shape[0], dtype=np.int64)
     return ends, scores.numpy().astype(np.float32)
 
@@ -397,6 +403,7 @@ __all__ = [
     "SoundEventCnn",
     "StreamingScorer",
     "attention_pool",
+    "pool_windows",
     "default_model_path",
     "load_checkpoint",
     "macs_per_frame",
