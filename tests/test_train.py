@@ -358,6 +358,18 @@ def test_train_cli_reports_a_bad_data_folder_in_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error:")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_train_cli_refuses_a_device_it_cannot_use_in_one_line(data_folder, tmp_path, capsys):
+    """--device cuda on a CPU-only torch (or a nonsense name) exits with status 2 and one 'error:' line."""
+    for device in ("cuda", "gpu0"):
+        rc = train.main(["--data", str(data_folder), "--out", str(tmp_path / "m.pt"), "--steps", "1", "--minutes", "0",
+                         "--no-progress", "--device", device])
+        assert rc == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: --device {device}:"), err
+        assert not (tmp_path / "m.pt").exists()
+
+
 def test_evaluate_cli_calibrates_and_reports(data_folder, tiny_checkpoint, tmp_path):
     """tools/evaluate.py on a generated folder with the tiny model: writes JSON with per-EBR metrics
     and false alarms, and --calibrate re-saves the checkpoint with thresholds from the grid."""
