@@ -132,8 +132,8 @@ def test_active_region_of_a_steady_sound_is_the_whole_clip():
     assert data.active_region(x) == (0.0, 2.0)
 
 
-def _mixer(cfg: augment.MixConfig = augment.MixConfig()) -> augment.Mixer:
-    return augment.synth_mixer(cfg=cfg)
+def _mixer() -> augment.Mixer:
+    return augment.synth_mixer()
 
 
 def test_window_labels_follow_overlap_rules():
@@ -224,30 +224,6 @@ def test_weight_average_moves_towards_the_model_and_copies_counters():
         assert torch.allclose(a, 0.75 * b + 0.25 * m)
     assert torch.allclose(averaged.input_norm.running_mean, torch.full((64,), 0.25))
     assert int(averaged.input_norm.num_batches_tracked) == 7
-
-
-def test_peak_negative_loss_is_on_the_top_window_of_clean_negative_segments_only():
-    """peak_negative_bce is the BCE of the highest window logit of each (segment, class) whose windows
-    are all unmasked negatives; a segment with a positive or ambiguous window of a class is left out."""
-    logits = torch.tensor([[[0.0, 2.0], [3.0, -1.0]],  # segment 0: class 0 clean, class 1 has a positive window
-                           [[-2.0, 1.0], [-4.0, 0.5]]])  # segment 1: class 0 clean, class 1 has a masked window
-    target = torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]])
-    mask = torch.tensor([[[1.0, 1.0], [1.0, 1.0]], [[1.0, 0.0], [1.0, 1.0]]])
-    peaks = torch.tensor([3.0, -2.0])  # class 0 of both segments
-    want = torch.nn.functional.binary_cross_entropy_with_logits(peaks, torch.zeros(2))
-    assert torch.isclose(train.peak_negative_bce(logits, target, mask), want)
-    assert float(train.peak_negative_bce(logits, torch.ones_like(target), mask)) == 0.0
-
-
-def test_backgrounds_are_unit_rms_of_the_asked_length_with_resampling_and_layers():
-    """Mixer.background returns n samples at unit RMS whether it resamples, layers two recordings, or both."""
-    for p_speed, p_layer in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0)):
-        m = _mixer(augment.MixConfig(p_background_speed=p_speed, p_background_layer=p_layer))
-        rng = np.random.default_rng(3)
-        for n in (SR // 2, 3 * SR + 17):
-            bg = m.background(rng, n)
-            assert bg.shape == (n,) and bg.dtype == np.float32
-            assert np.sqrt(np.mean(bg.astype(np.float64) ** 2)) == pytest.approx(1.0, rel=1e-3)
 
 
 def test_mix_overrides_parse_and_reject_unknown_fields():

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import butter, fftconvolve, resample_poly, sosfilt
+from scipy.signal import butter, fftconvolve, sosfilt
 
 from earshot.features import FrontendParams, features
 
@@ -69,15 +69,6 @@ class MixConfig:
     """Pure-negative mixtures with a long history (`long_history_s`), as a stream that has run for a while."""
     long_history_s: float = 8.0
     """History of those long mixtures (s)."""
-    p_background_layer: float = 0.25
-    """Backgrounds with a second recording laid under the first (a kitchen with traffic outside):
-    more kinds of background than there are recordings, against false alarms in unseen places."""
-    background_layer_db: tuple[float, float] = (-12.0, 0.0)
-    """Level of that second layer relative to the first (dB)."""
-    p_background_speed: float = 0.3
-    """Backgrounds resampled by a factor in `background_speed` (new pitches of speech, music, engines)."""
-    background_speed: tuple[float, float] = (0.85, 1.15)
-    """Resampling factor range of backgrounds."""
     ebr_db: tuple[float, float] = (-10.0, 15.0)
     """Event-to-background ratio range (dB), event RMS over its active part vs background RMS there."""
     distractor_ebr_db: tuple[float, float] = (-5.0, 20.0)
@@ -362,20 +353,6 @@ class Mixer:
             active = np.concatenate([active, np.zeros(max(0, len(x) // ACTIVITY_HOP - len(active)), dtype=bool)])
         return x.astype(np.float32), active
 
-    def background(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        """`n` samples of unit-RMS background: joined recordings, sometimes resampled, sometimes two layered."""
-        cfg = self.cfg
-        # Resampling by 100/down (polyphase, anti-aliased: a wide factor aliases under linear interpolation).
-        down = int(round(100 * rng.uniform(*cfg.background_speed))) if rng.random() < cfg.p_background_speed else 100
-        need = int(math.ceil(n * down / 100)) + 2
-        bg = fill_background(self.backgrounds, rng, need).astype(np.float64)
-        if rng.random() < cfg.p_background_layer:
-            bg += 10 ** (rng.uniform(*cfg.background_layer_db) / 20) * fill_background(self.backgrounds, rng, need)
-        if down != 100:
-            bg = resample_poly(bg, 100, down)
-        bg = bg[:n]
-        return (bg / (np.sqrt(np.mean(bg**2)) + 1e-8)).astype(np.float32)
-
     def mixture(self, rng: np.random.Generator) -> tuple[np.ndarray, list[_Placed], int]:
         """One mixture: (samples, placed events, hop where the window-end span starts)."""
         cfg, sr, hop = self.cfg, self.p.sample_rate, ACTIVITY_HOP
@@ -388,7 +365,7 @@ class Mixer:
         end0 = hist_hops + chunk
         total_hops = end0 + span_hops + 2
         n = total_hops * hop + self.p.win_length
-        bg = self.background(rng, n)
+        bg = fill_background(self.backgrounds, rng, n)
         mix = bg.astype(np.float64)
         placed: list[_Placed] = []
         classes = list(rng.permutation(len(self.labels))[:n_pos])
