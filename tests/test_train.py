@@ -365,6 +365,34 @@ def test_evaluate_cli_calibrates_and_reports(data_folder, tiny_checkpoint, tmp_p
     assert load_checkpoint(model).provenance["calibration"]["thresholds"] == th
 
 
+def test_compare_cli_reports_matched_false_alarm_operating_points_without_touching_models(data_folder, tiny_checkpoint,
+                                                                                      tmp_path, capsys):
+    """tools/compare.py: per model and class the lowest grid threshold with no false alarm on the half's
+    negatives (checked by replaying the detector there), its F1 at 0 dB, and a table row per model;
+    the checkpoints are not rewritten."""
+    import json
+
+    import compare
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    shutil.copy(tiny_checkpoint, a)
+    shutil.copy(tiny_checkpoint, b)
+    before = a.read_bytes()
+    out = tmp_path / "cmp.json"
+    assert compare.main(["--data", str(data_folder), "--models", str(a), str(b), "--half", "all", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result) == {str(a), str(b)} and result[str(a)] == result[str(b)]
+    r = result[str(a)]
+    assert r["negative_hours"] > 0 and set(r["classes"]) == {"alarm", "glass_break", "gunshot"}
+    for c in r["classes"].values():
+        assert c["threshold"] in evaluate.THRESHOLD_GRID and 0.0 <= c["f1_0db"] <= 1.0
+        assert not c["reached"] or c["fa_per_hour"] == 0.0
+    assert r["mean_f1_0db"] == pytest.approx(np.mean([c["f1_0db"] for c in r["classes"].values()]))
+    table = capsys.readouterr().out
+    assert f"| {a} |" in table and f"| {b} |" in table
+    assert a.read_bytes() == before
+
+
 def test_calibration_halves_give_both_halves_every_label(data_folder):
     """Calibration and report halves are disjoint, cover all validation groups, and each holds events
     of every class and negatives (a half without negatives could not measure false alarms)."""
