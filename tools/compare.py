@@ -32,13 +32,7 @@ log = logging.getLogger("compare")
 
 def matched(loaded, events, negatives, seed: int) -> dict:
     """Per class: lowest threshold with no false alarm on `negatives`, with F1 at 0 dB and recall at -6 dB there."""
-    sr = loaded.frontend.sample_rate
-    mix = evaluate.build_mixtures(events, negatives, seed, ebrs=(0.0, -6.0))
-    hops = {ebr: evaluate.run_streams(s, loaded, keep_hops=True)[1] for ebr, s in mix.streams.items()}
-    fa_s, _ = evaluate.fa_streams(negatives, seed)
-    _, fa_hops = evaluate.run_streams(fa_s, loaded, keep_hops=True)
-    fa_hours = sum(len(x) for x in fa_s) / sr / 3600
-    chosen, info = evaluate.calibrate(mix, hops, fa_hops, fa_hours, loaded, target=0.0)
+    chosen, info, fa_hours = evaluate.calibrate_on(events, negatives, loaded, seed, target=0.0)
     out = {"negative_hours": fa_hours, "classes": {}}
     for label, t in chosen.items():
         row = next(r for r in info["sweep"][label] if r["threshold"] == t)
@@ -73,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     halves = evaluate.calibration_halves(val)
-    sel = [(c, x) for c, x in zip(val, audio) if args.half == "all" or halves[c.group] == args.half]
-    sr = data.SAMPLE_RATE
     results = {}
     for path, loaded in zip(args.models, models):
-        labels = set(loaded.labels)
-        events = [evaluate.trim_event(c, x, sr) for c, x in sel if c.label in labels and len(x) >= loaded.frontend.win_length]
-        negatives = [(c, x) for c, x in sel if c.label == data.NEGATIVE]
-        results[path] = matched(loaded, events, negatives, args.seed)
+        events, negatives = evaluate.half_parts(list(zip(val, audio)), halves, None if args.half == "all" else args.half, loaded)
+        try:
+            results[path] = matched(loaded, events, negatives, args.seed)
+        except ValueError as exc:
+            print(f"error: the {args.half} validation groups {exc}", file=sys.stderr)
+            return 2
         log.info("%s done", path)
     first = next(iter(results.values()))
     print(f"Matched false alarms (no false alarm in {first['negative_hours']:.2f} h of negatives), {args.half} validation groups:\n")

@@ -251,6 +251,16 @@ def concat_negatives(items: Sequence[tuple[data.Clip, np.ndarray]], rng: np.rand
     return out, spans
 
 
+def half_parts(items: Sequence[tuple[data.Clip, np.ndarray]], halves: dict[str, str], half: str | None, loaded
+               ) -> tuple[list[EventClip], list[tuple[data.Clip, np.ndarray]]]:
+    """(trimmed events of the model's labels, negatives) of the validation groups in `half` (None = all)."""
+    sel = [(c, x) for c, x in items if half is None or halves[c.group] == half]
+    events = [trim_event(c, x, loaded.frontend.sample_rate) for c, x in sel
+              if c.label in loaded.labels and len(x) >= loaded.frontend.win_length]
+    negatives = [(c, x) for c, x in sel if c.label == data.NEGATIVE]
+    return events, negatives
+
+
 @dataclass
 class Mixtures:
     """Mixture streams at each EBR with their reference events (same positions at every EBR)."""
@@ -431,6 +441,23 @@ def calibrate(mix: Mixtures, hops_by_ebr, fa_hops, fa_hours: float, loaded, targ
     return chosen, {"sweep": table, "notes": notes}
 
 
+def calibrate_on(events: Sequence[EventClip], negatives: Sequence[tuple[data.Clip, np.ndarray]], loaded, seed: int,
+                 target: float) -> tuple[dict[str, float], dict, float]:
+    """`calibrate` on the hops the model scores for these events (0 and -6 dB mixtures) and negatives.
+
+    Returns (thresholds, info, hours of negatives); ValueError when there are no events or no negatives.
+    """
+    mix = build_mixtures(events, negatives, seed, ebrs=(0.0, -6.0))
+    hops_by_ebr = {ebr: run_streams(s, loaded, keep_hops=True)[1] for ebr, s in mix.streams.items()}
+    fa_s, _ = fa_streams(negatives, seed)
+    _, fa_hops = run_streams(fa_s, loaded, keep_hops=True)
+    fa_hours = sum(len(x) for x in fa_s) / loaded.frontend.sample_rate / 3600
+    if fa_hours == 0 or not events:
+        raise ValueError("has no negatives or no events")
+    thresholds, info = calibrate(mix, hops_by_ebr, fa_hops, fa_hours, loaded, target)
+    return thresholds, info, fa_hours
+
+
 # ---------------------------------------------------------------------------
 # Report
 
@@ -513,16 +540,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     labels = list(loaded.labels)
-    sr = loaded.frontend.sample_rate
     items = list(zip(val, audio))
 
     halves = calibration_halves(val)
 
     def parts(half: str | None):
-        sel = [(c, x) for c, x in items if half is None or halves[c.group] == half]
-        events = [trim_event(c, x, sr) for c, x in sel if c.label in labels and len(x) >= loaded.frontend.win_length]
-        negatives = [(c, x) for c, x in sel if c.label == data.NEGATIVE]
-        return events, negatives
+        return half_parts(items, halves, half, loaded)
 
     result: dict = {
         "model": str(args.model),
@@ -535,15 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibrate:
         ev_cal, neg_cal = parts("cal")
         log.info("calibration half: %d events, %d negatives", len(ev_cal), len(neg_cal))
-        mix_cal = build_mixtures(ev_cal, neg_cal, args.seed)
-        hops_by_ebr = {ebr: run_streams(s, loaded, keep_hops=True)[1] for ebr, s in mix_cal.streams.items() if ebr in (0.0, -6.0)}
-        fa_s, _ = fa_streams(neg_cal, args.seed)
-        _, fa_hops = run_streams(fa_s, loaded, keep_hops=True)
-        fa_hours = sum(len(x) for x in fa_s) / sr / 3600
-        if fa_hours == 0 or not ev_cal:
-            print("error: the calibration half of the validation groups has no negatives or no events", file=sys.stderr)
+        try:
+            thresholds, info, fa_hours = calibrate_on(ev_cal, neg_cal, loaded, args.seed, args.target_fa_per_hour)
+        except ValueError as exc:
+            print(f"error: the calibration half of the validation groups {exc}", file=sys.stderr)
             return 2
-        thresholds, info = calibrate(mix_cal, hops_by_ebr, fa_hops, fa_hours, loaded, args.target_fa_per_hour)
         log.info("calibrated thresholds: %s", thresholds)
         for label, note in info["notes"].items():
             log.warning("%s: %s", label, note)
