@@ -388,8 +388,17 @@ def test_compare_cli_reports_matched_false_alarm_operating_points_without_touchi
         assert c["threshold"] in evaluate.THRESHOLD_GRID and 0.0 <= c["f1_0db"] <= 1.0
         assert not c["reached"] or c["fa_per_hour"] == 0.0
     assert r["mean_f1_0db"] == pytest.approx(np.mean([c["f1_0db"] for c in r["classes"].values()]))
+    # False-alarm budgets (default 0..3): k = 0 is the zero-false-alarm point above; allowing more false
+    # alarms never raises a threshold; the headline mean is over all budgets.
+    budgets = r["by_budget"]
+    assert [b["false_alarms"] for b in budgets] == [0, 1, 2, 3]
+    assert budgets[0]["thresholds"] == {k: c["threshold"] for k, c in r["classes"].items()}
+    assert budgets[0]["mean_f1_0db"] == pytest.approx(r["mean_f1_0db"])
+    for lo, hi in zip(budgets, budgets[1:]):
+        assert all(hi["thresholds"][k] <= lo["thresholds"][k] for k in lo["thresholds"])
+    assert r["budget_mean_f1_0db"] == pytest.approx(np.mean([b["mean_f1_0db"] for b in budgets]))
     table = capsys.readouterr().out
-    assert f"| {a} |" in table and f"| {b} |" in table
+    assert f"| {a} |" in table and f"| {b} |" in table and "mean over k=0..3" in table
     assert a.read_bytes() == before
 
 
