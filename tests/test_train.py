@@ -7,7 +7,6 @@ like the real one, so the suite never needs /work/shared.
 from __future__ import annotations
 
 import csv
-import math
 import shutil
 import sys
 from pathlib import Path
@@ -225,43 +224,6 @@ def test_weight_average_moves_towards_the_model_and_copies_counters():
         assert torch.allclose(a, 0.75 * b + 0.25 * m)
     assert torch.allclose(averaged.input_norm.running_mean, torch.full((64,), 0.25))
     assert int(averaged.input_norm.num_batches_tracked) == 7
-
-
-def test_hard_replay_keeps_the_hardest_and_retires_them_after_their_uses():
-    """HardReplay keeps the `capacity` highest-loss examples, draws the hardest first, re-scores the
-    drawn ones and drops an example once it has been replayed `uses` times."""
-    buf = train.HardReplay(capacity=3, uses=2)
-    x = torch.arange(5, dtype=torch.float32).view(5, 1, 1).expand(5, 4, 2)
-    y, m = torch.zeros(5, 2, 3), torch.ones(5, 2, 3)
-    buf.offer(x, y, m, torch.tensor([0.1, 0.9, 0.5, 0.7, 0.2]))
-    assert len(buf) == 3
-    picked, (xr, yr, mr) = buf.draw(2)
-    assert xr[:, 0, 0].tolist() == [1.0, 3.0] and yr.shape == (2, 2, 3) and mr.shape == (2, 2, 3)
-    buf.update(picked, torch.tensor([0.05, 0.8]))  # example 1 became easy, example 3 is still hard
-    picked, (xr, _, _) = buf.draw(2)
-    assert xr[:, 0, 0].tolist() == [3.0, 2.0]
-    buf.update(picked, torch.tensor([0.8, 0.6]))  # example 3 has now been replayed twice: retired
-    assert sorted(float(it[1][0, 0]) for it in buf.items) == [1.0, 2.0]
-    x[0].zero_()  # the buffer holds copies, not views of the batch
-    assert all(it[1].data_ptr() != x.data_ptr() for it in buf.items)
-
-
-def test_training_with_replay_mixes_fewer_fresh_examples_per_step():
-    """With replay 0.25, each step draws 3/4 of its batch fresh and replays the rest; the run trains."""
-    calls = {"n": 0}
-
-    def make(rng):
-        calls["n"] += 1
-        x = rng.standard_normal((augment.WINDOW_HOP * 2 + 100, 64)).astype(np.float32)
-        y = (rng.random((3, 3)) < 0.3).astype(np.float32)
-        return [(x, y, np.ones_like(y))]
-
-    dims = CnnDims(channels=(4, 4), freq_strides=(2, 2), time_kernels=(3, 3), dilations=(1, 2), embed_dim=8)
-    cfg = train.TrainConfig(steps=6, batch_size=8, replay=0.25, num_workers=0, threads=1, shuffle_buffer=0, progress=False)
-    model, stats = train.train(make, dims, cfg, chunk_frames=100)
-    assert stats.steps == 6 and math.isfinite(stats.final_loss)
-    assert stats.examples == (6 + 5 * 8) * 3  # 6 fresh examples of 3 windows per step, 2 replayed from step 2 on
-    assert calls["n"] <= 6 * 6 + 6  # the loader reads ahead at most one batch
 
 
 def test_mix_overrides_parse_and_reject_unknown_fields():

@@ -85,10 +85,6 @@ class TrainConfig:
     min(decay, (1 + step) / (10 + step)), so short runs average over their last steps only)."""
     pos_weight: tuple[float, ...] = field(default_factory=tuple)
     """Per-class weight of positive targets in the loss (empty = 1 for all)."""
-    replay: float = 0.0
-    """Fraction of each step's examples replayed from the hardest ones seen so far (`HardReplay`); 0 = none."""
-    replay_uses: int = 3
-    """Times an example may be replayed before it leaves the replay buffer."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -155,51 +151,10 @@ def update_average(averaged: nn.Module, model: nn.Module, decay: float) -> None:
             a.copy_(b)
 
 
-def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None,
-               per_example: bool = False) -> torch.Tensor:
-    """Mean binary cross-entropy over the (window, class) pairs with mask 1 (per example (B,) if asked)."""
+def masked_bce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean binary cross-entropy over the (window, class) pairs with mask 1."""
     loss = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none", pos_weight=pos_weight)
-    if per_example:
-        dims = tuple(range(1, loss.dim()))
-        return (loss * mask).sum(dims) / mask.sum(dims).clamp_min(1.0)
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
-
-
-class HardReplay:
-    """The hardest training examples seen so far, replayed beside fresh ones (online hard example mining).
-
-    False alarms come from the tail: a few negatives the model scores near 1. A fresh mixture is seen
-    once, so a rare hard one gets one gradient step among thousands; kept here while its loss is among
-    the `capacity` highest, it is trained on again (each time its loss is re-measured) up to `uses`
-    times. Replayed examples cost no mixing, so the step mixes fewer fresh ones.
-    """
-
-    def __init__(self, capacity: int, uses: int):
-        self.capacity, self.uses = capacity, uses
-        self.items: list[list] = []  # [loss, x, y, m, times replayed]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def draw(self, n: int) -> tuple[list[list], tuple[torch.Tensor, ...]]:
-        """The n highest-loss items and their stacked (x, y, m)."""
-        self.items.sort(key=lambda it: -it[0])
-        picked = self.items[:n]
-        return picked, tuple(torch.stack([it[k] for it in picked]) for k in (1, 2, 3))
-
-    def update(self, picked: list[list], losses: torch.Tensor) -> None:
-        """Record the re-measured losses of replayed items; drop those replayed `uses` times."""
-        for it, loss in zip(picked, losses.tolist()):
-            it[0], it[4] = loss, it[4] + 1
-        self.items = [it for it in self.items if it[4] < self.uses]
-
-    def offer(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor, losses: torch.Tensor) -> None:
-        """Add fresh examples with their losses, keeping the `capacity` highest-loss items."""
-        # Copies, so a kept example does not hold its whole batch in memory.
-        self.items.extend([loss, x[i].clone(), y[i].clone(), m[i].clone(), 0] for i, loss in enumerate(losses.tolist()))
-        if len(self.items) > self.capacity:
-            self.items.sort(key=lambda it: -it[0])
-            del self.items[self.capacity:]
 
 
 def lr_at(progress: float, peak: float, warmup: float) -> float:
@@ -238,11 +193,9 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
     averaged = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = ExampleStream(make_examples, cfg.seed, cfg.shuffle_buffer)
-    n_replay = min(cfg.batch_size - 1, round(cfg.replay * cfg.batch_size))
-    replay = HardReplay(capacity=8 * cfg.batch_size, uses=cfg.replay_uses) if n_replay else None
     loader = torch.utils.data.DataLoader(
         stream,
-        batch_size=cfg.batch_size - n_replay,
+        batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,
         persistent_workers=False,
         prefetch_factor=4 if cfg.num_workers else None,
@@ -272,20 +225,8 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             for g in opt.param_groups:
                 g["lr"] = lr
             x, y, m = (t.to(device, non_blocking=True) for t in next(it))
-            fresh, picked = x.shape[0], []
-            if replay is not None and len(replay) >= n_replay:
-                picked, (xr, yr, mr) = replay.draw(n_replay)
-                x, y, m = torch.cat([x, xr]), torch.cat([y, yr]), torch.cat([m, mr])
             logits = window_logits(model, x, chunk_frames)
-            if replay is None:
-                loss = masked_bce(logits, y, m, pos_weight)
-            else:
-                per_example = masked_bce(logits, y, m, pos_weight, per_example=True)
-                # Re-weighted by each example's unmasked pairs: the same as masked_bce over the whole batch.
-                loss = (per_example * m.sum(tuple(range(1, m.dim())))).sum() / m.sum().clamp_min(1.0)
-                losses = per_example.detach().cpu()
-                replay.update(picked, losses[fresh:])
-                replay.offer(x[:fresh].cpu(), y[:fresh].cpu(), m[:fresh].cpu(), losses[:fresh])
+            loss = masked_bce(logits, y, m, pos_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
@@ -376,8 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32, help="segments per step")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--replay", type=float, default=0.0,
-                    help="fraction of each step's segments replayed from the hardest seen so far (0 = none)")
     ap.add_argument("--workers", type=int, default=1, help="example-making worker processes")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads for training (default: 2 minus --workers, at least 1: on a 2-core machine "
@@ -429,7 +368,6 @@ def main(argv: list[str] | None = None) -> int:
         steps=args.steps if args.steps is not None else 10_000_000,
         batch_size=args.batch_size,
         lr=args.lr,
-        replay=args.replay,
         max_minutes=args.minutes if args.minutes > 0 else None,
         seed=args.seed,
         num_workers=args.workers,
@@ -455,7 +393,6 @@ def main(argv: list[str] | None = None) -> int:
         "examples_seen": stats.examples,
         "batch_size": cfg.batch_size,
         "lr": cfg.lr,
-        "replay": cfg.replay,
         "wall_time_s": round(stats.wall_s, 1),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "final_train_loss": round(stats.final_loss, 5),
