@@ -9,8 +9,8 @@ the event F1 at 0 dB and recall at -6 dB there, through the daemon's own detecti
 Use it to choose between training runs on the calibration half, so the report half stays unseen.
 
 The zero-false-alarm point of a class is set by the single highest-scoring negative of the half
-(0.2 h of audio), so one odd clip can move it a lot: two runs of the same recipe differed by 0.08
-in class-mean F1 there and by 0.005 one false alarm further on. `--budgets K` therefore also reports
+(0.2 h of audio), so one odd clip can move it a lot: two runs of the same recipe differed by 0.07
+in class-mean F1 there and by 0.01 one false alarm further on. `--budgets K` therefore also reports
 the operating points that allow 1..K false alarms on the half (per class the lowest threshold with
 at most k), and their mean over k = 0..K, the figure to choose runs by.
 """
@@ -57,12 +57,9 @@ def matched(loaded, events, negatives, seed: int, budgets: int = 0) -> dict:
 
 def budget_point(sweep: dict[str, list[dict]], fa_hours: float, k: int) -> dict:
     """Class means of F1 at 0 dB and recall at -6 dB at, per class, the lowest threshold with at most k
-    false alarms in `fa_hours` of negatives (as `evaluate.calibrate`: when none has so few, the one with
-    the fewest false alarms, then the best F1)."""
-    picks = {}
-    for label, rows in sweep.items():
-        ok = [r for r in rows if round(r["fa_per_hour"] * fa_hours) <= k]
-        picks[label] = ok[0] if ok else min(rows, key=lambda r: (r["fa_per_hour"], -np.nan_to_num(r["f1_0db"])))
+    false alarms in `fa_hours` of negatives (`evaluate.pick_threshold`, as calibration picks them)."""
+    # (k + 0.5) / hours: a rate between k and k + 1 false alarms, safe from rounding of the stored rates.
+    picks = {label: evaluate.pick_threshold(rows, (k + 0.5) / fa_hours)[0] for label, rows in sweep.items()}
     return {"false_alarms": k, "thresholds": {label: r["threshold"] for label, r in picks.items()},
             **{f"mean_{key}": float(np.mean([r[key] for r in picks.values()])) for key in ("f1_0db", "recall_-6db")}}
 

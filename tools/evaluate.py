@@ -431,14 +431,20 @@ def calibrate(mix: Mixtures, hops_by_ebr, fa_hops, fa_hours: float, loaded, targ
     chosen: dict[str, float] = {}
     notes: dict[str, str] = {}
     for label in labels:
-        ok = [row for row in table[label] if row["fa_per_hour"] <= target]
-        if ok:
-            chosen[label] = ok[0]["threshold"]
-        else:
-            best = min(table[label], key=lambda r: (r["fa_per_hour"], -np.nan_to_num(r["f1_0db"])))
-            chosen[label] = best["threshold"]
-            notes[label] = f"target not reached on the calibration half: {best['fa_per_hour']:.2f} FA/h at best"
+        row, reached = pick_threshold(table[label], target)
+        chosen[label] = row["threshold"]
+        if not reached:
+            notes[label] = f"target not reached on the calibration half: {row['fa_per_hour']:.2f} FA/h at best"
     return chosen, {"sweep": table, "notes": notes}
+
+
+def pick_threshold(rows: Sequence[dict], target: float) -> tuple[dict, bool]:
+    """The sweep row (ascending thresholds) of the lowest threshold with false alarms/hour <= target,
+    and True; if none reaches the target, the row with the fewest false alarms (then the best F1), and False."""
+    ok = [row for row in rows if row["fa_per_hour"] <= target]
+    if ok:
+        return ok[0], True
+    return min(rows, key=lambda r: (r["fa_per_hour"], -np.nan_to_num(r["f1_0db"]))), False
 
 
 def calibrate_on(events: Sequence[EventClip], negatives: Sequence[tuple[data.Clip, np.ndarray]], loaded, seed: int,

@@ -55,7 +55,7 @@ RESPONSE_S = 0.3
 On the validation mixtures the climb starts a median 0.22 s after the onset (glass 0.17 s, gunshots
 0.27 s, alarms 0.34 s), with a long late tail (quiet lead-ins, sirens building up, a burst whose first
 shot scores low); 0.3 rather than the median put more onsets within the 0.5 s collar on the calibration
-half (class-mean F1 at 0 dB +0.015 to +0.024 for three models at matched false alarms)."""
+half (class-mean F1 at 0 dB +0.015 to +0.024 for three models, averaged over 0-3 false alarms)."""
 RISE_FRACTION = 0.5
 """A score's rise towards a start is dated from the first hop of the run at or above this fraction of
 the threshold. Scores climb over a few hops as a sound fills the window, slower for a siren building
