@@ -91,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     halves = evaluate.calibration_halves(val)
+    items, half = list(zip(val, audio)), None if args.half == "all" else args.half
     results = {}
     for path, loaded in zip(args.models, models):
-        events, negatives = evaluate.half_parts(list(zip(val, audio)), halves, None if args.half == "all" else args.half, loaded)
+        events, negatives = evaluate.half_parts(items, halves, half, loaded)
         try:
             results[path] = matched(loaded, events, negatives, args.seed, max(0, args.budgets))
         except ValueError as exc:

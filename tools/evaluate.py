@@ -550,9 +550,6 @@ def main(argv: list[str] | None = None) -> int:
 
     halves = calibration_halves(val)
 
-    def parts(half: str | None):
-        return half_parts(items, halves, half, loaded)
-
     result: dict = {
         "model": str(args.model),
         "model_provenance": {k: loaded.provenance.get(k) for k in ("git_commit", "date", "steps", "seed", "command")},
@@ -562,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
         "metric": "DCASE 2017 task 2 event-based, onset only, 0.5 s collar; ER = (deletions + insertions) / references per class",
     }
     if args.calibrate:
-        ev_cal, neg_cal = parts("cal")
+        ev_cal, neg_cal = half_parts(items, halves, "cal", loaded)
         log.info("calibration half: %d events, %d negatives", len(ev_cal), len(neg_cal))
         try:
             thresholds, info, fa_hours = calibrate_on(ev_cal, neg_cal, loaded, args.seed, args.target_fa_per_hour)
@@ -590,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         report_half = None
     result["thresholds"] = dict(loaded.thresholds)
     result["reported_on"] = "report half of the validation groups" if report_half else "all validation groups"
-    events, negatives = parts(report_half)
+    events, negatives = half_parts(items, halves, report_half, loaded)
     log.info("evaluating on %s: %d events, %d negatives", result["reported_on"], len(events), len(negatives))
     mix = build_mixtures(events, negatives, args.seed)
     est_by_ebr = {}
