@@ -294,6 +294,17 @@ def parse_dims(text: str | None) -> CnnDims:
     return CnnDims(**kw)
 
 
+def parse_frontend(text: str | None) -> FrontendParams:
+    """`FrontendParams` from 'band_tau_s=3 n_mels=64' style overrides (default frontend if None)."""
+    kw = FrontendParams().to_dict()
+    for item in (text or "").split():
+        key, _, value = item.partition("=")
+        if key not in kw:
+            raise ValueError(f"unknown frontend parameter {key!r}")
+        kw[key] = type(kw[key])(float(value))
+    return FrontendParams.from_dict(kw)
+
+
 def parse_mix(text: str | None) -> dict[str, float | tuple[float, ...]]:
     """MixConfig overrides from 'p_reverb=0.5 ebr_db=-5,15' (numbers; ranges comma-separated)."""
     types = {f.name: f.type for f in dataclasses.fields(augment.MixConfig)}  # annotations as strings
@@ -324,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=SEGMENT_WINDOWS,
                     help=f"windows per training segment, every {augment.WINDOW_HOP} frames")
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
+    ap.add_argument("--frontend", default=None, help="FrontendParams overrides (stored in the checkpoint), e.g. 'band_tau_s=3'")
     ap.add_argument("--mix", default=None, help="MixConfig overrides (augment.py), e.g. 'p_reverb=0.5 p_channel=0.4'")
     ap.add_argument("--device", default="cpu",
                     help="where the network trains: cpu, or cuda on a GPU machine (then give --workers as the "
@@ -349,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("loaded %.2f h of training audio in %.1f s", sum(len(a) for a in audio) / data.SAMPLE_RATE / 3600,
              time.monotonic() - t)
-    frontend = FrontendParams()
+    try:
+        frontend = parse_frontend(args.frontend)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --frontend: {exc}", file=sys.stderr)
+        return 2
     try:
         dims = parse_dims(args.dims)
     except (TypeError, ValueError) as exc:
