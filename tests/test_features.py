@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import scipy.signal
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -139,54 +138,6 @@ def test_level_is_causal_running_mean() -> None:
     y = x.copy()
     y[16000:] *= 10
     np.testing.assert_array_equal(features(y, P)[:90], features(x, P)[:90])
-
-
-PB = FrontendParams(band_tau_s=2.0)
-
-
-def test_band_level_is_causal_running_mean_per_band() -> None:
-    """With band_tau_s, each band's own causal EMA (from its frame-0 value) is subtracted."""
-    x = _noise(2.0) * np.linspace(0.2, 1.0, 32000)
-    lm = log_mel(x, PB).astype(np.float64)
-    level = lm - features(x, PB)
-    a = PB.level_alpha
-    assert a == pytest.approx(np.exp(-0.01 / 2.0))
-    ref = np.empty_like(lm)
-    ref[0] = lm[0]
-    for t in range(1, len(lm)):
-        ref[t] = a * ref[t - 1] + (1 - a) * lm[t]
-    np.testing.assert_allclose(level, ref, atol=1e-4)
-    assert np.ptp(level[-1]) > 0.1  # really per band, not one level for all bands
-
-
-def test_band_level_cancels_a_fixed_colouration() -> None:
-    """A fixed tilt of the spectrum (a microphone's response) moves per-band features far less
-    than broadband-normalised ones, once the level has settled (> 3 time constants)."""
-    x = _noise(10.0, std=0.2)
-    tilted = scipy.signal.lfilter([1.0, -0.9], [1.0], x)  # +/- 10-20 dB across the band
-    settled = slice(int(3 * PB.band_tau_s / PB.frame_s), None)
-    err_band = np.abs(features(tilted, PB) - features(x, PB))[settled].mean()
-    err_broad = np.abs(features(tilted, P) - features(x, P))[settled].mean()
-    assert err_band < 0.05 < 1.0 < err_broad
-
-
-def test_band_streaming_equals_offline() -> None:
-    """The per-band level state carries across blocks: streaming equals offline (1e-5)."""
-    x = _noise(3.0, seed=3)
-    sf = StreamingFeatures(PB)
-    rng = np.random.default_rng(0)
-    out, pos = [], 0
-    while pos < len(x):
-        n = int(rng.integers(1, 5000))
-        out.append(sf.push(x[pos : pos + n]))
-        pos += n
-    np.testing.assert_allclose(np.concatenate(out), features(x, PB), atol=1e-5, rtol=0)
-
-
-def test_band_tau_validation() -> None:
-    with pytest.raises(ValueError, match="band_tau_s"):
-        FrontendParams(band_tau_s=-1.0)
-    assert FrontendParams.from_dict({k: v for k, v in P.to_dict().items() if k != "band_tau_s"}) == P
 
 
 @settings(max_examples=40, deadline=None)

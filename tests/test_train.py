@@ -235,6 +235,16 @@ def test_mix_overrides_parse_and_reject_unknown_fields():
         train.parse_mix("p_revreb=0.5")
 
 
+def test_frontend_overrides_parse_and_reject_unknown_fields():
+    """--frontend 'level_tau_s=5 n_mels=40' gives FrontendParams with those fields; an unknown name is an error."""
+    p = train.parse_frontend("level_tau_s=5 n_mels=40")
+    assert (p.level_tau_s, p.n_mels, p.sample_rate) == (5.0, 40, 16000)
+    assert isinstance(p.n_mels, int)
+    assert train.parse_frontend(None) == FrontendParams()
+    with pytest.raises(ValueError, match="n_mles"):
+        train.parse_frontend("n_mles=40")
+
+
 def test_mixer_is_deterministic_for_a_seed():
     """The same seed gives the same windows (training runs are reproducible)."""
     a = _mixer().examples(np.random.default_rng(5))

@@ -295,7 +295,7 @@ def parse_dims(text: str | None) -> CnnDims:
 
 
 def parse_frontend(text: str | None) -> FrontendParams:
-    """`FrontendParams` from 'band_tau_s=3 n_mels=64' style overrides (default frontend if None)."""
+    """`FrontendParams` from 'level_tau_s=5 n_mels=40' style overrides (default frontend if None)."""
     kw = FrontendParams().to_dict()
     for item in (text or "").split():
         key, _, value = item.partition("=")
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--windows", type=int, default=SEGMENT_WINDOWS,
                     help=f"windows per training segment, every {augment.WINDOW_HOP} frames")
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
-    ap.add_argument("--frontend", default=None, help="FrontendParams overrides (stored in the checkpoint), e.g. 'band_tau_s=3'")
+    ap.add_argument("--frontend", default=None, help="FrontendParams overrides (stored in the checkpoint), e.g. 'level_tau_s=5'")
     ap.add_argument("--mix", default=None, help="MixConfig overrides (augment.py), e.g. 'p_reverb=0.5 p_channel=0.4'")
     ap.add_argument("--device", default="cpu",
                     help="where the network trains: cpu, or cuda on a GPU machine (then give --workers as the "

@@ -62,10 +62,6 @@ class FrontendParams:
     """Added to the mel power before the natural log (power units of float audio in [-1, 1])."""
     level_tau_s: float = 3.0
     """Time constant of the running broadband level subtracted for gain invariance (s)."""
-    band_tau_s: float = 0.0
-    """Time constant of a running level per mel band, subtracted from that band instead of the
-    broadband level (s); 0 = off (broadband level only). Per band, a fixed microphone or room
-    colouration (a gain per band) cancels as well as the overall gain."""
     chunk_frames: int = 100
     """Frames per classifier window (frames): 100 frames = 1 s at a 10 ms hop."""
 
@@ -75,7 +71,7 @@ class FrontendParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
-        for name in ("f_min", "f_max", "log_floor", "level_tau_s", "band_tau_s"):
+        for name in ("f_min", "f_max", "log_floor", "level_tau_s"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 problems.append(f"{name} must be a finite number, got {value!r}")
@@ -88,8 +84,6 @@ class FrontendParams:
                 )
             if self.log_floor <= 0 or self.level_tau_s <= 0:
                 problems.append("log_floor and level_tau_s must be positive")
-            if self.band_tau_s < 0:
-                problems.append(f"band_tau_s must be 0 (off) or positive, got {self.band_tau_s}")
         if problems:
             raise ValueError("invalid frontend parameters: " + "; ".join(problems))
 
@@ -105,9 +99,8 @@ class FrontendParams:
 
     @property
     def level_alpha(self) -> float:
-        """Per-frame decay of the running level: exp(-hop / tau), tau = band_tau_s if on, else level_tau_s."""
-        tau = self.band_tau_s if self.band_tau_s > 0 else self.level_tau_s
-        return math.exp(-self.frame_s / tau)
+        """Per-frame decay of the running level: exp(-hop / tau)."""
+        return math.exp(-self.frame_s / self.level_tau_s)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of all fields (for checkpoints and logs)."""
@@ -250,18 +243,16 @@ def _level_filter(p: FrontendParams) -> tuple[np.ndarray, np.ndarray]:
     return np.array([1.0 - alpha]), np.array([1.0, -alpha])
 
 
-def _level(lm: np.ndarray, p: FrontendParams, zi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Running level of log-mel frames (T, n_mels): (T, 1) broadband or (T, n_mels) per band, and the new state.
+def _level(frame_means: np.ndarray, p: FrontendParams, zi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Run the level EMA over per-frame means (float64); returns (level, new state).
 
-    The level EMA runs over the per-frame mean (broadband) or over each band (`band_tau_s` > 0), in
-    float64. `zi=None` starts a new stream: the state is chosen so that level[0] equals the first
-    frame's value (no warm-up transient from an arbitrary initial level).
+    `zi=None` starts a new stream: the state is chosen so that level[0] == m[0] (no
+    warm-up transient from an arbitrary initial level).
     """
-    m = lm.astype(np.float64) if p.band_tau_s > 0 else lm.mean(axis=1, dtype=np.float64, keepdims=True)
     b, a = _level_filter(p)
     if zi is None:
-        zi = p.level_alpha * m[:1]  # (1, columns)
-    level, zf = lfilter(b, a, m, axis=0, zi=zi)
+        zi = np.array([p.level_alpha * frame_means[0]])
+    level, zf = lfilter(b, a, frame_means, zi=zi)
     return level, zf
 
 
@@ -270,8 +261,8 @@ def features(samples: np.ndarray, p: FrontendParams = FrontendParams()) -> np.nd
     lm = log_mel(samples, p)
     if lm.shape[0] == 0:
         return lm
-    level, _ = _level(lm, p, None)
-    return (lm - level).astype(np.float32)
+    level, _ = _level(lm.mean(axis=1, dtype=np.float64), p, None)
+    return (lm - level[:, None]).astype(np.float32)
 
 
 class StreamingFeatures:
@@ -304,9 +295,9 @@ class StreamingFeatures:
             self._tail = buf
             return np.empty((0, p.n_mels), dtype=np.float32)
         lm = log_mel(buf[: (n - 1) * p.hop_length + p.win_length], p)  # (n, n_mels)
-        level, self._zi = _level(lm, p, self._zi)
+        level, self._zi = _level(lm.mean(axis=1, dtype=np.float64), p, self._zi)
         # Keep only what later frames still need (< win_length samples), as a copy so a
         # huge block is not kept alive by a view.
         self._tail = buf[n * p.hop_length :].copy()
         self.frames_out += n
-        return (lm - level).astype(np.float32)
+        return (lm - level[:, None]).astype(np.float32)
