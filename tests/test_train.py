@@ -161,23 +161,6 @@ def test_window_labels_follow_overlap_rules():
     assert y[0] == 1
 
 
-def test_events_mixed_too_quietly_are_left_out_of_the_loss():
-    """With min_label_ebr_db, a window holding an event mixed below it is masked for that class
-    (neither positive nor negative); a louder event of the same geometry stays positive."""
-    m = _mixer()
-    m.cfg = augment.MixConfig(min_label_ebr_db=-6.0)
-    active = np.ones(50, dtype=bool)
-    quiet = augment._Placed(cls=1, hop0=1000, active=active, ebr_db=-8.0)
-    loud = augment._Placed(cls=1, hop0=1000, active=active, ebr_db=-4.0)
-    y, k = m.label_window([quiet], 1030)
-    assert y[1] == 0 and k[1] == 0 and k[0] == 1 and k[2] == 1
-    y, k = m.label_window([loud], 1030)
-    assert y[1] == 1 and k[1] == 1
-    # Off by default: the same quiet event is a positive.
-    y, _ = _mixer().label_window([quiet], 1030)
-    assert y[1] == 1
-
-
 def test_mixer_examples_have_window_shape_and_some_of_every_class():
     """Examples are (chunk_frames, n_mels) float32 windows with 0/1 targets; a few dozen mixtures
     contain positives of every class and pure negatives."""

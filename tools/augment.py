@@ -102,8 +102,6 @@ class MixConfig:
     """... or by this fraction of a shorter event's active sound."""
     sliver_s: float = 0.05
     """A leaving event with at most this much active sound left in the window is a negative (s)."""
-    min_label_ebr_db: float = -100.0
-    """Windows of events mixed below this EBR (dB) are left out of the loss for their class (ignored)."""
 
 
 # ---------------------------------------------------------------------------
@@ -313,8 +311,6 @@ class _Placed:
     """Mixture hop (10 ms step) where the clip starts."""
     active: np.ndarray
     """Per-hop activity of the clip (bool)."""
-    ebr_db: float = 0.0
-    """Event-to-background ratio it was mixed at (dB)."""
 
 
 class Mixer:
@@ -397,10 +393,9 @@ class Mixer:
             a_lo, a_hi = max(0, s0 + a0 * hop), min(n, s0 + a1 * hop)
             bg_part = bg[a_lo:a_hi] if a_hi - a_lo >= hop else bg
             bg_rms = float(np.sqrt(np.mean(bg_part.astype(np.float64) ** 2)) + 1e-8)
-            ebr = rng.uniform(*ebr_range)
-            gain = bg_rms * 10 ** (ebr / 20) / (ev_rms + 1e-8)
+            gain = bg_rms * 10 ** (rng.uniform(*ebr_range) / 20) / (ev_rms + 1e-8)
             mix[lo:hi] += gain * seg
-            placed.append(_Placed(cls, hop0, active, ebr))
+            placed.append(_Placed(cls, hop0, active))
         if rng.random() < cfg.p_channel:
             mix = channel_filter(mix, rng, sr).astype(np.float64)
         level = 10 ** (rng.uniform(*cfg.level_dbfs) / 20)
@@ -423,11 +418,6 @@ class Mixer:
             lo, hi = max(0, start - ev.hop0), min(len(act), end - ev.hop0)
             inside = int(act[lo:hi].sum()) if hi > lo else 0
             if inside == 0:
-                continue
-            if ev.ebr_db < cfg.min_label_ebr_db:
-                # Mixed too quietly to say whether it is audible: neither a positive nor a negative.
-                if y[ev.cls] == 0.0:
-                    m[ev.cls] = 0.0
                 continue
             total = int(act.sum())
             if inside >= min(min_hops, cfg.min_overlap_frac * total):
