@@ -243,6 +243,8 @@ def test_frontend_overrides_parse_and_reject_unknown_fields():
     assert train.parse_frontend(None) == FrontendParams()
     with pytest.raises(ValueError, match="n_mles"):
         train.parse_frontend("n_mles=40")
+    with pytest.raises(ValueError, match="n_mels must be an integer"):
+        train.parse_frontend("n_mels=40.5")
 
 
 def test_mixer_is_deterministic_for_a_seed():
@@ -342,6 +344,17 @@ def test_train_cli_reports_a_bad_data_folder_in_one_line(tmp_path, capsys):
     assert train.main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_train_cli_reports_bad_overrides_in_one_line(tmp_path, capsys):
+    """Unknown or inconsistent --frontend / --dims / --mix overrides exit with status 2 and one 'error:'
+    line, before any data is read (the folder here has none)."""
+    for args, start in ((["--frontend", "n_mles=40"], "error: --frontend:"),
+                        (["--frontend", "n_mels=40"], "error: the network takes n_mels=64"),
+                        (["--mix", "p_revreb=1"], "error: --mix:")):
+        assert train.main(["--data", str(tmp_path), "--out", str(tmp_path / "m.pt"), "--steps", "1", *args]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(start), err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -301,7 +301,10 @@ def parse_frontend(text: str | None) -> FrontendParams:
         key, _, value = item.partition("=")
         if key not in kw:
             raise ValueError(f"unknown frontend parameter {key!r}")
-        kw[key] = type(kw[key])(float(value))
+        number = float(value)
+        if isinstance(kw[key], int) and not number.is_integer():
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        kw[key] = type(kw[key])(number)
     return FrontendParams.from_dict(kw)
 
 
@@ -350,6 +353,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     try:
+        frontend = parse_frontend(args.frontend)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --frontend: {exc}", file=sys.stderr)
+        return 2
+    try:
+        dims = parse_dims(args.dims)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --dims: {exc}", file=sys.stderr)
+        return 2
+    if dims.n_mels != frontend.n_mels:
+        print(f"error: the network takes n_mels={dims.n_mels} but the frontend makes {frontend.n_mels}: "
+              f"give the same n_mels to --dims and --frontend", file=sys.stderr)
+        return 2
+    try:
+        mix_overrides = parse_mix(args.mix)
+    except (TypeError, ValueError) as exc:
+        print(f"error: --mix: {exc}", file=sys.stderr)
+        return 2
+    try:
         clips = data.read_index(args.data)
         train_clips, val_clips = data.split(clips)
         log.info("index: %d clips, %d train / %d validation (validation groups: %d)", len(clips), len(train_clips),
@@ -361,21 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("loaded %.2f h of training audio in %.1f s", sum(len(a) for a in audio) / data.SAMPLE_RATE / 3600,
              time.monotonic() - t)
-    try:
-        frontend = parse_frontend(args.frontend)
-    except (TypeError, ValueError) as exc:
-        print(f"error: --frontend: {exc}", file=sys.stderr)
-        return 2
-    try:
-        dims = parse_dims(args.dims)
-    except (TypeError, ValueError) as exc:
-        print(f"error: --dims: {exc}", file=sys.stderr)
-        return 2
-    try:
-        mix_overrides = parse_mix(args.mix)
-    except (TypeError, ValueError) as exc:
-        print(f"error: --mix: {exc}", file=sys.stderr)
-        return 2
     labels = data.EVENT_LABELS
     span_s = max(augment.MixConfig().span_s, (args.windows - 1) * augment.WINDOW_HOP * frontend.hop_length / frontend.sample_rate)
     mix_cfg = augment.MixConfig(**{"segment_windows": args.windows, "span_s": span_s, **mix_overrides})
