@@ -375,17 +375,49 @@ def test_evaluate_cli_calibrates_and_reports(data_folder, tiny_checkpoint, tmp_p
     model = tmp_path / "m.pt"
     shutil.copy(tiny_checkpoint, model)
     out = tmp_path / "eval.json"
-    rc = evaluate.main(["--data", str(data_folder), "--model", str(model), "--calibrate", "--json", str(out)])
+    rc = evaluate.main(["--data", str(data_folder), "--model", str(model), "--calibrate", "--json", str(out),
+                        "--split", "group", "--heldout-sources", ""])
     assert rc == 0
     import json
 
-    result = json.loads(out.read_text())
+    result = json.loads(out.read_text())["results"][0]
     assert set(result["mixtures"]["per_ebr"]) == {"-6", "+0", "+6"}
     assert result["reported_on"].startswith("report half")
     th = load_checkpoint(model).thresholds
     assert all(t in evaluate.THRESHOLD_GRID for t in th.values())
     assert th == result["thresholds"]
     assert load_checkpoint(model).provenance["calibration"]["thresholds"] == th
+
+
+def test_evaluate_by_heldout_source_calibrates_on_negatives_and_reports_both_splits(data_folder, tiny_checkpoint,
+                                                                                    tmp_path, capsys):
+    """--split both: a held-out source is never trained on (train.py) and evaluated whole; thresholds come from
+    negatives only (a third of the held-out negatives and the group-validation ones); one summary table
+    has a row per model and split."""
+    import json
+
+    model = tmp_path / "m.pt"
+    shutil.copy(tiny_checkpoint, model)
+    out = tmp_path / "eval.json"
+    rc = evaluate.main(["--data", str(data_folder), "--model", str(model), "--calibrate", "--json", str(out),
+                        "--heldout-sources", "src1/gunshot,src1/negative,src1/alarm,src1/glass_break"])
+    assert rc == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["split"] for r in results] == ["source", "group"]
+    src = results[0]
+    assert src["calibration"]["method"].startswith("lowest threshold with FA/h <= target on both")
+    assert src["reported_on"].startswith("held-out sources")
+    assert set(src["mixtures"]["alerted_by_ebr"]) == {"-6", "+0", "+6"}
+    assert src["false_alarms"]["hours"] > 0
+    table = capsys.readouterr().out
+    assert "| m.pt | source |" in table and "| m.pt | group |" in table
+    assert load_checkpoint(model).thresholds == src["thresholds"]
+
+
+def test_evaluate_without_heldout_sources_in_the_index_is_one_line(data_folder, tiny_checkpoint, capsys):
+    assert evaluate.main(["--data", str(data_folder), "--model", str(tiny_checkpoint)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "held-out sources" in err[0]
 
 
 def test_compare_cli_reports_matched_false_alarm_operating_points_without_touching_models(data_folder, tiny_checkpoint,

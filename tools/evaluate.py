@@ -406,6 +406,89 @@ def mixture_report(mix: Mixtures, est_by_ebr: dict[float, list[EstEvent]], label
     return out
 
 
+ALERT_SLACK_S = 1.0
+"""An event counts as alerted when a detection of its class starts within this long of it (s)."""
+
+
+def alerted(refs: Sequence[RefEvent], est: Sequence[EstEvent], labels: Sequence[str], slack: float = ALERT_SLACK_S
+            ) -> dict[str, float]:
+    """Per class, the share of reference events with a detection of their class starting between
+    `slack` before their onset and `slack` after their offset (what a user sees as "it alerted")."""
+    by_key: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for e in est:
+        by_key[(e.stream, e.label)].append(e.onset)
+    out = {}
+    for label in labels:
+        mine = [r for r in refs if r.label == label]
+        hits = sum(1 for r in mine if any(r.onset - slack <= t <= r.offset + slack for t in by_key[(r.stream, label)]))
+        out[label] = hits / len(mine) if mine else float("nan")
+    return out
+
+
+def onset_stats(refs: Sequence[RefEvent], est: Sequence[EstEvent], labels: Sequence[str], slack: float = ALERT_SLACK_S
+                ) -> dict[str, dict[str, float]]:
+    """Per class, over alerted events: median and 90th percentile of (first detection's onset - true onset)
+    in seconds, and repeats (detections beyond the first within the event +- slack) per alerted event."""
+    by_key: dict[tuple[int, str], list[float]] = defaultdict(list)
+    for e in est:
+        by_key[(e.stream, e.label)].append(e.onset)
+    out = {}
+    for label in labels:
+        errors, repeats = [], []
+        for r in refs:
+            if r.label != label:
+                continue
+            near = sorted(t for t in by_key[(r.stream, label)] if r.onset - slack <= t <= r.offset + slack)
+            if near:
+                errors.append(near[0] - r.onset)
+                repeats.append(len(near) - 1)
+        out[label] = {"median_onset_error_s": float(np.median(errors)) if errors else float("nan"),
+                      "p90_abs_onset_error_s": float(np.percentile(np.abs(errors), 90)) if errors else float("nan"),
+                      "repeats_per_event": float(np.mean(repeats)) if repeats else float("nan")}
+    return out
+
+
+def source_halves(heldout: Sequence[data.Clip]) -> dict[str, str]:
+    """Held-out negative group -> 'cal' (a third, for thresholds) or 'report' (two thirds, >= 1 h).
+
+    Held-out positives are never used for calibration: the rule needs only negatives, so every
+    held-out event is reported on."""
+    groups = sorted({c.group for c in heldout if c.label == data.NEGATIVE},
+                    key=lambda g: hashlib.sha256(f"earshot-heldout-cal:{g}".encode()).hexdigest())
+    halves = {g: ("cal" if i % 3 == 0 else "report") for i, g in enumerate(groups)}
+    halves.update({c.group: "report" for c in heldout if c.label != data.NEGATIVE})
+    return halves
+
+
+def calibrate_negatives(neg_sets: Sequence[Sequence[tuple[data.Clip, np.ndarray]]], loaded, seed: int, target: float
+                        ) -> tuple[dict[str, float], dict]:
+    """Per class, the lowest grid threshold whose false alarms/hour is within `target` on EVERY set of
+    negatives (long streams at recorded levels); no positives are needed, so none are used."""
+    labels = list(loaded.labels)
+    runs = []
+    for negs in neg_sets:
+        fa_s, _ = fa_streams(negs, seed)
+        _, hops = run_streams(fa_s, loaded, keep_hops=True)
+        runs.append((hops, sum(len(x) for x in fa_s) / loaded.frontend.sample_rate / 3600))
+    table: dict[str, list[dict]] = {label: [] for label in labels}
+    for t in THRESHOLD_GRID:
+        th = {label: float(t) for label in labels}
+        rates = []
+        for hops, hours in runs:
+            fa = replay(hops, loaded, th)
+            rates.append({label: sum(1 for e in fa if e.label == label) / hours for label in labels})
+        for label in labels:
+            table[label].append({"threshold": float(t), "fa_per_hour": max(r[label] for r in rates),
+                                 "f1_0db": float("nan")})
+    chosen, notes = {}, {}
+    for label in labels:
+        row, reached = pick_threshold(table[label], target)
+        chosen[label] = row["threshold"]
+        if not reached:
+            notes[label] = f"target not reached: {row['fa_per_hour']:.2f} FA/h at best"
+    return chosen, {"sweep": table, "notes": notes, "hours": [h for _, h in runs]}
+
+
 # ---------------------------------------------------------------------------
 # Calibration
 
@@ -518,12 +601,121 @@ def _plain(obj):
     return obj
 
 
+def evaluate_model(path: str, items_by_split: dict, args) -> dict:
+    """Calibrate (optionally) and evaluate one checkpoint on the chosen split; returns the result dict."""
+    from earshot.model import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(path)
+    labels = list(loaded.labels)
+    result: dict = {
+        "model": str(path),
+        "model_provenance": {k: loaded.provenance.get(k) for k in ("git_commit", "date", "steps", "seed", "command")},
+        "cascade": loaded.confirmer is not None,
+        "split": args.split,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "data_index_sha256": data.index_sha256(args.data),
+        "collar_s": COLLAR_S,
+        "metric": "DCASE 2017 task 2 event-based, onset only, 0.5 s collar; ER = (deletions + insertions) / references "
+                  f"per class; alerted = a detection of the class starting within {ALERT_SLACK_S} s of the event",
+    }
+    if args.split == "source":
+        heldout, gval = items_by_split["heldout"], items_by_split["group"]
+        halves = source_halves([c for c, _ in heldout])
+        if args.calibrate:
+            cal_negs = [(c, x) for c, x in heldout if c.label == data.NEGATIVE and halves[c.group] == "cal"]
+            gval_negs = [(c, x) for c, x in gval if c.label == data.NEGATIVE]
+            thresholds, info = calibrate_negatives([cal_negs, gval_negs], loaded, args.seed, args.target_fa_per_hour)
+            _save_thresholds(path, loaded, thresholds, info, args, result,
+                             "lowest threshold with FA/h <= target on both the calibration third of the held-out-source "
+                             "negatives and the group-validation negatives of the training sources")
+            loaded = load_checkpoint(path)
+        events, negatives = half_parts(heldout, halves, "report", loaded)
+        result["reported_on"] = ("held-out sources: every event; negatives of the report two thirds "
+                                 "(the other third only sets thresholds)")
+    else:
+        items = items_by_split["group"]
+        halves = calibration_halves([c for c, _ in items])
+        report_half = None
+        if args.calibrate:
+            ev_cal, neg_cal = half_parts(items, halves, "cal", loaded)
+            thresholds, info, _ = calibrate_on(ev_cal, neg_cal, loaded, args.seed, args.target_fa_per_hour)
+            _save_thresholds(path, loaded, thresholds, info, args, result,
+                             "lowest threshold with FA/h <= target on the calibration half of the validation groups")
+            loaded = load_checkpoint(path)
+            report_half = "report"
+        events, negatives = half_parts(items, halves, report_half, loaded)
+        result["reported_on"] = "report half of the validation groups" if report_half else "all validation groups"
+    result["thresholds"] = dict(loaded.thresholds)
+    log.info("%s: evaluating on %s: %d events, %d negatives", path, result["reported_on"], len(events), len(negatives))
+    mix = build_mixtures(events, negatives, args.seed)
+    est_by_ebr = {}
+    calls0 = loaded.confirmer.calls if loaded.confirmer is not None else 0
+    for ebr, streams in mix.streams.items():
+        est_by_ebr[ebr], _ = run_streams(streams, loaded)
+    result["mixtures"] = mixture_report(mix, est_by_ebr, labels)
+    result["mixtures"]["streams_per_ebr"] = len(mix.streams[EBRS_DB[0]])
+    result["mixtures"]["alerted_by_ebr"] = {f"{ebr:+.0f}": alerted(mix.refs[ebr], est_by_ebr[ebr], labels)
+                                            for ebr in mix.refs}
+    result["mixtures"]["onsets_0db"] = onset_stats(mix.refs[0.0], est_by_ebr[0.0], labels)
+    fa_s, fa_spans = fa_streams(negatives, args.seed)
+    calls1 = loaded.confirmer.calls if loaded.confirmer is not None else 0
+    fa_est, _ = run_streams(fa_s, loaded)
+    result["false_alarms"] = fa_report(fa_est, fa_s, fa_spans, labels)
+    if loaded.confirmer is not None:
+        result["confirmer_calls_per_hour_on_negatives"] = (loaded.confirmer.calls - calls1) / result["false_alarms"]["hours"]
+        del calls0
+    result["markdown"] = markdown(result, labels)
+    return result
+
+
+def _save_thresholds(path, loaded, thresholds, info, args, result, method: str) -> None:
+    """Re-save the checkpoint with calibrated thresholds (its confirm section kept)."""
+    from earshot.model import save_checkpoint
+
+    log.info("calibrated thresholds: %s", thresholds)
+    for label, note in info["notes"].items():
+        log.warning("%s: %s", label, note)
+    prov = dict(loaded.provenance)
+    prov["calibration"] = {"target_fa_per_hour": args.target_fa_per_hour, "thresholds": thresholds,
+                           "notes": info["notes"], "date": result["date"], "split": args.split, "method": method}
+    save_checkpoint(path, loaded.model, list(loaded.labels), loaded.frontend, thresholds, prov, confirm=loaded.confirmer)
+    result["calibration"] = {"thresholds": thresholds, "target_fa_per_hour": args.target_fa_per_hour,
+                             "notes": info["notes"], "sweep": info["sweep"], "method": method}
+
+
+def summary_table(results: Sequence[dict]) -> str:
+    """One row per (model, split): alerted at 0 / -6 dB, onset F1 at 0 dB and false alarms/hour, per class."""
+    labels = list(results[0]["thresholds"]) if results else []
+    head = ["model", "split"] + [f"{lab} {what}" for lab in labels for what in ("alerted 0 dB", "alerted -6 dB", "F1 0 dB", "FA/h")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (4 * len(labels))]
+    for r in results:
+        al, f1 = r["mixtures"]["alerted_by_ebr"], r["mixtures"]["per_ebr"]
+        cells = [Path(r["model"]).name, r["split"]]
+        for lab in labels:
+            cells += [f"{100 * al['+0'][lab]:.0f} %", f"{100 * al['-6'][lab]:.0f} %",
+                      _fmt(f1["+0"]["classes"][lab]["f1"]), f"{r['false_alarms']['per_hour'][lab]:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Onsets at 0 dB (alerted events): median onset error / 90th percentile of |error| (s) / repeats per event", "",
+              "| model | split | " + " | ".join(labels) + " |", "|---|---|" + "---:|" * len(labels)]
+    for r in results:
+        o = r["mixtures"]["onsets_0db"]
+        lines.append(f"| {Path(r['model']).name} | {r['split']} | " + " | ".join(
+            f"{_fmt(o[lab]['median_onset_error_s'])} / {_fmt(o[lab]['p90_abs_onset_error_s'])} / "
+            f"{_fmt(o[lab]['repeats_per_event'])}" for lab in labels) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--data", default=str(data.default_data_dir()), help="data folder with index.csv")
-    ap.add_argument("--model", default="models/earshot.pt", help="checkpoint to evaluate")
-    ap.add_argument("--calibrate", action="store_true", help="choose per-class thresholds and re-save the checkpoint")
+    ap.add_argument("--model", "--models", dest="models", nargs="+", default=["models/earshot.pt"],
+                    help="checkpoints to evaluate (one summary table at the end)")
+    ap.add_argument("--split", choices=("source", "group", "both"), default="both",
+                    help="source: held-out sources never trained on; group: validation groups of the training sources")
+    ap.add_argument("--heldout-sources", default=None,
+                    help="comma-separated held-out sources (default: data.HELDOUT_SOURCES, as tools/train.py holds out)")
+    ap.add_argument("--calibrate", action="store_true", help="choose per-class thresholds and re-save the checkpoint(s)")
     ap.add_argument("--target-fa-per-hour", type=float, default=1.0, help="false alarms per hour per class to calibrate for")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--seed", type=int, default=0, help="seed of the stream layout")
@@ -533,80 +725,39 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from earshot.model import CheckpointError, load_checkpoint, save_checkpoint
+    from earshot.model import CheckpointError
 
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()
     try:
-        loaded = load_checkpoint(args.model)
         clips = data.read_index(args.data)
-        _, val = data.split(clips)
-        audio = data.load_all(args.data, val)
-    except (CheckpointError, data.DataError) as exc:
+        _, gval, heldout = data.source_split(clips, heldout_sources=data.parse_sources(args.heldout_sources))
+        if args.split in ("source", "both") and not heldout:
+            raise data.DataError("no clip of the held-out sources is in the index (see --heldout-sources)")
+        items_by_split = {"group": list(zip(gval, data.load_all(args.data, gval))),
+                          "heldout": list(zip(heldout, data.load_all(args.data, heldout)))}
+    except data.DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    labels = list(loaded.labels)
-    items = list(zip(val, audio))
-
-    halves = calibration_halves(val)
-
-    result: dict = {
-        "model": str(args.model),
-        "model_provenance": {k: loaded.provenance.get(k) for k in ("git_commit", "date", "steps", "seed", "command")},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data_index_sha256": data.index_sha256(args.data),
-        "collar_s": COLLAR_S,
-        "metric": "DCASE 2017 task 2 event-based, onset only, 0.5 s collar; ER = (deletions + insertions) / references per class",
-    }
-    if args.calibrate:
-        ev_cal, neg_cal = half_parts(items, halves, "cal", loaded)
-        log.info("calibration half: %d events, %d negatives", len(ev_cal), len(neg_cal))
-        try:
-            thresholds, info, fa_hours = calibrate_on(ev_cal, neg_cal, loaded, args.seed, args.target_fa_per_hour)
-        except ValueError as exc:
-            print(f"error: the calibration half of the validation groups {exc}", file=sys.stderr)
-            return 2
-        log.info("calibrated thresholds: %s", thresholds)
-        for label, note in info["notes"].items():
-            log.warning("%s: %s", label, note)
-        prov = dict(loaded.provenance)
-        prov["calibration"] = {
-            "target_fa_per_hour": args.target_fa_per_hour,
-            "thresholds": thresholds,
-            "calibration_negative_hours": round(fa_hours, 3),
-            "notes": info["notes"],
-            "date": result["date"],
-            "method": "lowest threshold with FA/h <= target on the calibration half of the validation groups",
-        }
-        save_checkpoint(args.model, loaded.model, labels, loaded.frontend, thresholds, prov)
-        loaded = load_checkpoint(args.model)
-        result["calibration"] = {"thresholds": thresholds, "target_fa_per_hour": args.target_fa_per_hour,
-                                 "calibration_negative_hours": fa_hours, "notes": info["notes"], "sweep": info["sweep"]}
-        report_half = "report"
-    else:
-        report_half = None
-    result["thresholds"] = dict(loaded.thresholds)
-    result["reported_on"] = "report half of the validation groups" if report_half else "all validation groups"
-    events, negatives = half_parts(items, halves, report_half, loaded)
-    log.info("evaluating on %s: %d events, %d negatives", result["reported_on"], len(events), len(negatives))
-    mix = build_mixtures(events, negatives, args.seed)
-    est_by_ebr = {}
-    for ebr, streams in mix.streams.items():
-        est_by_ebr[ebr], _ = run_streams(streams, loaded)
-        log.info("EBR %+.0f dB: %d streams, %d reference events, %d detections", ebr, len(streams), len(mix.refs[ebr]),
-                 len(est_by_ebr[ebr]))
-    result["mixtures"] = mixture_report(mix, est_by_ebr, labels)
-    result["mixtures"]["streams_per_ebr"] = len(mix.streams[EBRS_DB[0]])
-    fa_s, fa_spans = fa_streams(negatives, args.seed)
-    fa_est, _ = run_streams(fa_s, loaded)
-    result["false_alarms"] = fa_report(fa_est, fa_s, fa_spans, labels)
-    result["wall_time_s"] = round(time.monotonic() - t_start, 1)
-    table = markdown(result, labels)
-    result["markdown"] = table
-    print(table)
+    splits = ("source", "group") if args.split == "both" else (args.split,)
+    results = []
+    for split in splits:  # source first: with --calibrate its thresholds are the ones kept
+        for path in args.models:
+            run_args = argparse.Namespace(**{**vars(args), "split": split,
+                                             "calibrate": args.calibrate and split == splits[0]})
+            try:
+                res = evaluate_model(path, items_by_split, run_args)
+            except (CheckpointError, ValueError) as exc:
+                print(f"error: {path}: {exc}", file=sys.stderr)
+                return 2
+            print(f"\n## {path}: {res['reported_on']}\n\n{res['markdown']}")
+            results.append(res)
+    table = summary_table(results)
+    print("\n" + table)
     if args.json:
+        out = {"results": results, "summary": table, "wall_time_s": round(time.monotonic() - t_start, 1)}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(_plain(result), indent=1, allow_nan=False) + "\n")
+        Path(args.json).write_text(json.dumps(_plain(out), indent=1, allow_nan=False) + "\n")
         log.info("wrote %s", args.json)
     return 0
 

@@ -340,6 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", default=None, help="CnnDims overrides, e.g. 'channels=16,24,32,48 embed_dim=64'")
     ap.add_argument("--frontend", default=None, help="FrontendParams overrides (stored in the checkpoint), e.g. 'level_tau_s=5'")
     ap.add_argument("--mix", default=None, help="MixConfig overrides (augment.py), e.g. 'p_reverb=0.5 p_channel=0.4'")
+    ap.add_argument("--holdout", choices=("sources", "none"), default="sources",
+                    help="sources: never train on data.HELDOUT_SOURCES (validation by held-out source); none: train on all sources")
+    ap.add_argument("--heldout-sources", default=None,
+                    help="comma-separated sources to hold out with --holdout sources (default: data.HELDOUT_SOURCES)")
     ap.add_argument("--device", default="cpu",
                     help="where the network trains: cpu, or cuda on a GPU machine (then give --workers as the "
                          "CPU cores can feed, e.g. 14 of 16: examples are made on the CPU)")
@@ -373,7 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         clips = data.read_index(args.data)
-        train_clips, val_clips = data.split(clips)
+        if args.holdout == "sources":
+            held = data.parse_sources(args.heldout_sources)
+            train_clips, val_clips, heldout_clips = data.source_split(clips, heldout_sources=held)
+            log.info("held out %d clips of %d sources (never trained on)", len(heldout_clips), len(held))
+        else:
+            train_clips, val_clips = data.split(clips)
         log.info("index: %d clips, %d train / %d validation (validation groups: %d)", len(clips), len(train_clips),
                  len(val_clips), len({c.group for c in val_clips}))
         t = time.monotonic()
@@ -422,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         "loss_history_per_100_steps": stats.loss_history,
         "train": {"files": len(train_clips), "groups": len({c.group for c in train_clips}), **data.summarize(train_clips)},
         "validation": {"files": len(val_clips), "groups": len({c.group for c in val_clips}), **data.summarize(val_clips)},
-        "split": f"by group, {data.VAL_FRACTION:.0%} of the groups of every (label, source), salt {data.SPLIT_SALT}",
+        "split": f"by group, {data.VAL_FRACTION:.0%} of the groups of every (label, source), salt {data.SPLIT_SALT}"
+                 + (f"; sources held out whole: {', '.join(data.parse_sources(args.heldout_sources))}" if args.holdout == "sources" else ""),
         "sources": sorted({c.source for c in clips}),
         "mix": dataclasses.asdict(mix_cfg),
         "parameters": n_params,

@@ -24,6 +24,7 @@ from .config import ConfigError, DetectConfig, FrontendConfig
 from .detect import Detector, make_rules
 from .events import Event
 from .features import StreamingFeatures
+from .cascade import CascadeState
 from .backend import ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
 
 SILENCE_DBFS = -120.0
@@ -117,6 +118,9 @@ class _Analyzer:
         self.on_hop = on_hop
         self.features = StreamingFeatures(p)
         self.audio = _History()
+        confirmer = getattr(loaded, "confirmer", None)
+        self.cascade = CascadeState(confirmer) if confirmer is not None else None
+        self.confirm_samples = int(round(confirmer.window_s * p.sample_rate)) if confirmer is not None else 0
 
     @property
     def seconds_in(self) -> float:
@@ -137,6 +141,10 @@ class _Analyzer:
         level = level_dbfs(self.audio.slice(end_sample - self.hop_samples, end_sample))
         if level < self.min_level_dbfs:
             scores = np.zeros_like(scores)
+            if self.cascade is not None:
+                self.cascade.reset()
+        elif self.cascade is not None:
+            scores = self.cascade.apply(scores, lambda: self.audio.slice(end_sample - self.confirm_samples, end_sample))
         t_end = end_sample / p.sample_rate
         if self.on_hop is not None:
             self.on_hop(Hop(t_end, scores, level, mel))
@@ -145,7 +153,7 @@ class _Analyzer:
     def _first_sample_needed(self, next_end_frame: int) -> int:
         """Oldest sample a window ending at `next_end_frame` or later still needs for its level."""
         p = self.params
-        return (next_end_frame - 1) * p.hop_length + p.win_length - self.hop_samples
+        return (next_end_frame - 1) * p.hop_length + p.win_length - max(self.hop_samples, self.confirm_samples)
 
 
 class StreamAnalyzer(_Analyzer):

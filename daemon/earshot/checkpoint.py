@@ -28,6 +28,8 @@ _LOGGER = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "earshot-checkpoint"
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "thresholds", "provenance", "state_dict")
+_OPTIONAL_KEYS = ("confirm",)
+"""Optional sections: "confirm" holds the cascade's second stage (earshot.confirm)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,8 @@ class LoadedModel:
     """Default decision threshold per label (probability in (0, 1))."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Free-form training metadata (data, commit, metrics), plain JSON types."""
+    confirmer: Any = None
+    """The cascade's second stage (earshot.confirm.Confirmer), when the checkpoint has one."""
 
     @property
     def backend(self) -> str:
@@ -72,8 +76,11 @@ def save_checkpoint(
     frontend: FrontendParams,
     thresholds: dict[str, float],
     provenance: dict[str, Any],
+    confirm: Any = None,
 ) -> None:
-    """Write a checkpoint that `load_checkpoint` accepts (validated before writing)."""
+    """Write a checkpoint that `load_checkpoint` accepts (validated before writing).
+
+    `confirm` (an earshot.confirm.Confirmer) is stored as the optional cascade section."""
     labels = [str(x) for x in labels]
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
     validate_labels(labels, thresholds, model.dims)
@@ -92,6 +99,8 @@ def save_checkpoint(
         "provenance": provenance,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if confirm is not None:
+        ckpt["confirm"] = confirm.to_dict()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -132,7 +141,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
             f"{path} has checkpoint version {ckpt.get('version')!r}; this earshot reads version {CHECKPOINT_VERSION}"
         )
     missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
-    extra = sorted(set(map(str, ckpt)) - set(_CHECKPOINT_KEYS))
+    extra = sorted(set(map(str, ckpt)) - set(_CHECKPOINT_KEYS) - set(_OPTIONAL_KEYS))
     if missing or extra:
         raise CheckpointError(f"bad checkpoint {path}: missing keys {missing}, unknown keys {extra}")
     labels = _expect(ckpt, "labels", list, path)
@@ -179,6 +188,14 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         detail = " ".join(str(exc).split())
         raise CheckpointError(f"bad checkpoint {path}: state_dict does not match dims: {detail}") from exc
     model.eval()
+    confirmer = None
+    if "confirm" in ckpt:
+        from .confirm import ConfirmError, from_dict
+
+        try:
+            confirmer = from_dict(ckpt["confirm"], list(labels))
+        except ConfirmError as exc:
+            raise CheckpointError(f"bad checkpoint {path}: {exc}") from exc
     _LOGGER.debug("loaded %s: labels=%s dims=%s", path, labels, dims)
     return LoadedModel(
         model=model,
@@ -187,6 +204,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         frontend=saved_frontend,
         thresholds={k: float(v) for k, v in thresholds.items()},
         provenance=provenance,
+        confirmer=confirmer,
     )
 
 

@@ -1,0 +1,216 @@
+"""The cascade: EfficientAT's MobileNetV3 in earshot's code, its features, the confirmer and its checkpoint section.
+
+No pretrained weights are needed (the suite runs without ../shared): a randomly initialised tagger has
+the published mn04's exact parameter names and shapes, which is what strict loading checks.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+
+import data  # noqa: E402
+import evaluate  # noqa: E402
+
+from earshot.cascade import CascadeState  # noqa: E402
+from earshot.confirm import ConfirmError, ConfirmHead, Confirmer, attach_confirmer, from_dict  # noqa: E402
+from earshot.mn import MnFeatures, MobileNetTagger, kaldi_mel_banks, macs_per_second  # noqa: E402
+from earshot.model import CheckpointError, load_checkpoint  # noqa: E402
+from earshot.offline import detect_samples  # noqa: E402
+
+LABELS = ["alarm", "glass_break", "gunshot"]
+PRETRAINED = ROOT.parent / "shared" / "pretrained" / "mn04_as_mAP_432.pt"
+
+
+def _confirmer(seed: int = 0, trigger: float = 0.1) -> Confirmer:
+    torch.manual_seed(seed)
+    tagger = MobileNetTagger()
+    head = ConfirmHead(tagger.embed_dim + 527, 32, len(LABELS))
+    return Confirmer(tagger, head, list(LABELS), {label: trigger for label in LABELS})
+
+
+def test_tagger_has_mn04s_published_size_and_loads_its_own_state_strictly():
+    net = MobileNetTagger()
+    assert sum(p.numel() for p in net.parameters()) == 983_599  # EfficientAT mn04_as: 0.98 M parameters
+    again = MobileNetTagger()
+    again.load_state_dict(net.state_dict(), strict=True)
+    assert 10e6 < macs_per_second() < 16e6  # ~13 M multiply-adds per second of audio
+
+
+@pytest.mark.skipif(not PRETRAINED.is_file(), reason="needs ../shared/pretrained (not part of the project)")
+def test_published_mn04_weights_load_strictly_and_tag_a_siren():
+    from earshot import synth
+
+    net = MobileNetTagger()
+    net.load_state_dict(torch.load(PRETRAINED, map_location="cpu", weights_only=True), strict=True)
+    net.eval()
+    x = synth.siren(16000, 3.0, np.random.default_rng(0)).astype(np.float32)
+    with torch.inference_mode():
+        logits, _ = net(torch.from_numpy(MnFeatures()(x)[None, None]))
+    siren_like = {316, 317, 318, 319, 388, 389, 390, 391, 392, 393, 394, 395, 396, 397}  # sirens, alarms, beeps
+    top = set(torch.topk(logits[0], 10).indices.tolist())
+    assert top & siren_like, top
+
+
+def test_features_equal_efficientat_preprocessing_through_torch_stft():
+    fe = MnFeatures()
+    x = np.random.default_rng(1).standard_normal(16000).astype(np.float32) * 0.1
+    mel = fe(x)
+    x32 = torch.tensor(fe.upsample(x), dtype=torch.float64)
+    pre = torch.nn.functional.conv1d(x32[None, None], torch.tensor([[[-0.97, 1.0]]], dtype=torch.float64))[0, 0]
+    spec = torch.stft(pre, 1024, hop_length=320, win_length=800, center=True, return_complex=True,
+                      window=torch.hann_window(800, periodic=False, dtype=torch.float64))
+    ref = (np.log(kaldi_mel_banks().astype(np.float64) @ (spec.abs() ** 2).numpy() + 1e-5) + 4.5) / 5
+    assert mel.shape == ref.shape == (128, 100)  # 1 s at 32 kHz, one sample less after pre-emphasis
+    np.testing.assert_allclose(mel, ref, atol=1e-3)
+
+
+def test_mel_banks_cover_0_to_15_khz_with_the_nyquist_column_empty():
+    banks = kaldi_mel_banks()
+    assert banks.shape == (128, 513)
+    assert (banks[:, -1] == 0).all()
+    assert (banks.sum(axis=1) > 0).all()
+    assert banks[:, int(15000 / 31.25) + 1:].sum() == 0  # nothing above fmax
+
+
+def test_confirmer_round_trips_through_its_checkpoint_section():
+    c = _confirmer()
+    again = from_dict(c.to_dict(), LABELS)
+    x = np.random.default_rng(2).standard_normal(16000).astype(np.float32) * 0.05
+    np.testing.assert_allclose(c.score(x), again.score(x), atol=1e-6)
+    assert again.triggers == c.triggers
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (lambda d: d["tagger"].__setitem__("features.0.0.weight", torch.full((8, 1, 3, 3), float("nan"))), "NaN"),
+    (lambda d: d.__setitem__("labels", ["a", "b", "c"]), "labels"),
+    (lambda d: d.__setitem__("triggers", {"alarm": 1.5, "glass_break": 0.1, "gunshot": 0.1}), "triggers"),
+    (lambda d: d["head"].pop("net.0.weight"), "confirm section"),
+    (lambda d: d.__setitem__("tagger_dims", {"width": 0.4, "n_mels": 128, "n_classes": 10**9, "head_hidden": 1280}),
+     "implausible"),
+])
+def test_a_bad_confirm_section_is_one_clear_error(spoil, message):
+    d = _confirmer().to_dict()
+    spoil(d)
+    with pytest.raises(ConfirmError, match=message) as info:
+        from_dict(d, LABELS)
+    assert "\n" not in str(info.value)
+
+
+class _CountingConfirmer:
+    labels = LABELS
+    reuse_hops = 2
+
+    def __init__(self):
+        self.trigger_array = np.array([0.2, 0.2, 0.2], dtype=np.float32)
+        self.windows = 0
+
+    def score(self, window):
+        self.windows += 1
+        return np.array([0.9, 0.8, 0.7], dtype=np.float32)
+
+
+def test_cascade_replaces_only_triggered_classes_and_reuses_a_confirmation_for_reuse_hops():
+    c = _CountingConfirmer()
+    state = CascadeState(c)
+    quiet = np.array([0.05, 0.1, 0.0], dtype=np.float32)
+    np.testing.assert_array_equal(state.apply(quiet, lambda: None), quiet)
+    assert c.windows == 0  # below every trigger: the confirmer never runs
+    hot = np.array([0.5, 0.1, 0.0], dtype=np.float32)
+    np.testing.assert_allclose(state.apply(hot, lambda: None), [0.9, 0.1, 0.0])
+    state.apply(hot, lambda: None)  # within reuse_hops: no new call
+    assert c.windows == 1
+    state.apply(hot, lambda: None)
+    assert c.windows == 2
+    state.apply(quiet, lambda: None)  # dropping below the trigger forgets the confirmation
+    state.apply(hot, lambda: None)
+    assert c.windows == 3
+
+
+def test_a_cascade_checkpoint_loads_strictly_and_runs_in_the_detection_path(tiny_checkpoint, tmp_path):
+    from earshot import synth
+
+    out = tmp_path / "cascade.pt"
+    attach_confirmer(str(tiny_checkpoint), str(out), _confirmer(trigger=0.05), {"test": True})
+    loaded = load_checkpoint(out)
+    assert loaded.confirmer is not None and loaded.provenance["confirm"] == {"test": True}
+    scene, _ = synth.scene(16000, 12.0, np.random.default_rng(5))
+    hops: list = []
+    detect_samples(scene.astype(np.float32), loaded, hops=hops)
+    assert loaded.confirmer.calls > 0
+    plain: list = []
+    detect_samples(scene.astype(np.float32), load_checkpoint(tiny_checkpoint), hops=plain)
+    s1 = np.stack([h.scores for h in plain])
+    s2 = np.stack([h.scores for h in hops])
+    below = s1 < 0.05
+    np.testing.assert_allclose(s2[below], s1[below])  # untriggered classes keep stage 1's score
+    assert not np.allclose(s2[~below], s1[~below])
+
+
+def test_a_checkpoint_with_a_spoiled_confirm_section_is_refused_in_one_line(tiny_checkpoint, tmp_path):
+    out = tmp_path / "cascade.pt"
+    attach_confirmer(str(tiny_checkpoint), str(out), _confirmer(), {})
+    ckpt = torch.load(out, weights_only=True)
+    ckpt["confirm"]["head"]["net.0.weight"][0, 0] = float("inf")
+    torch.save(ckpt, out)
+    with pytest.raises(CheckpointError, match="NaN or infinite") as info:
+        load_checkpoint(out)
+    assert "\n" not in str(info.value)
+
+
+def test_source_split_keeps_heldout_sources_out_of_training():
+    clips = [data.Clip(f"a{i}.flac", lab, "", src, f"{src}-{lab}-{i}", 1.0)
+             for i in range(6) for lab in ("gunshot", "negative")
+             for src in ("caitlinnguyen0/ESC-50", "RosameliaCarioni/gunshot_detection")]
+    train, gval, heldout = data.source_split(clips)
+    assert {c.source for c in heldout} == {"caitlinnguyen0/ESC-50"}
+    assert {c.source for c in train + gval} == {"RosameliaCarioni/gunshot_detection"}
+    assert gval and train
+
+
+def test_alerted_counts_a_detection_within_a_second_of_the_event():
+    refs = [evaluate.RefEvent("alarm", 10.0, 14.0, 0), evaluate.RefEvent("alarm", 30.0, 31.0, 0),
+            evaluate.RefEvent("gunshot", 5.0, 5.2, 1)]
+    est = [evaluate.EstEvent("alarm", 13.5, 0), evaluate.EstEvent("alarm", 32.5, 0),
+           evaluate.EstEvent("glass_break", 5.1, 1)]
+    got = evaluate.alerted(refs, est, ["alarm", "gunshot"])
+    assert got == {"alarm": 0.5, "gunshot": 0.0}
+
+
+def test_heldout_calibration_uses_no_heldout_events():
+    clips = [data.Clip(f"n{i}", "negative", "", "s", f"n{i}", 1.0) for i in range(9)]
+    clips += [data.Clip(f"e{i}", "gunshot", "", "s", f"e{i}", 1.0) for i in range(4)]
+    halves = evaluate.source_halves(clips)
+    assert {halves[f"e{i}"] for i in range(4)} == {"report"}
+    assert sorted(halves[f"n{i}"] for i in range(9)).count("cal") == 3
+
+
+def test_train_confirm_cli_trains_a_head_and_writes_a_loadable_cascade(tiny_checkpoint, tmp_path):
+    """tools/train_confirm.py end to end on generated recordings, with a randomly initialised tagger
+    standing in for the pretrained weights: mixtures, mined negatives, cache, head, cascade checkpoint."""
+    import train_confirm
+    from test_train import _write_folder
+
+    folder = _write_folder(tmp_path / "data")
+    weights = tmp_path / "tagger.pt"
+    torch.save(MobileNetTagger().state_dict(), weights)
+    out, cache = tmp_path / "cascade.pt", tmp_path / "cache.npz"
+    rc = train_confirm.main(["--data", str(folder), "--pretrained", str(weights), "--stage1", str(tiny_checkpoint),
+                             "--out", str(out), "--cache", str(cache), "--windows", "48", "--mined", "16",
+                             "--epochs", "2", "--trigger", "0.05", "--heldout-sources", ""])
+    assert rc == 0
+    cached = np.load(cache)
+    assert cached["x"].shape[1] == 384 + 527 and len(cached["x"]) >= 48
+    assert cached["y"].sum(axis=0).min() > 0  # every class has positive windows
+    loaded = load_checkpoint(out)
+    assert loaded.confirmer is not None
+    assert loaded.confirmer.triggers == {label: 0.05 for label in LABELS}
+    assert loaded.provenance["confirm"]["windows"] == len(cached["x"])

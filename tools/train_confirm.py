@@ -1,0 +1,281 @@
+"""Train the second stage of the cascade: a head on the pretrained mn04 tagger that confirms candidates.
+
+    python tools/train_confirm.py --data ../shared/data --pretrained ../shared/pretrained/mn04_as_mAP_432.pt \\
+        --stage1 runs/s1_ho.pt --out runs/cascade.pt [--windows 30000] [--seed 0]
+
+The streaming CNN (stage 1) scores every hop; where a class crosses a low trigger, the confirmer
+scores the last second of audio with EfficientAT's AudioSet tagger mn04 (frozen) and a small head
+trained here on its embedding and its 527 tag logits. What the head learns from:
+
+- mixtures of training events into training backgrounds (tools/augment.py's Mixer: EBR -10..+15 dB,
+  speed, reverb, channel filters, Opus round trips, distractors), windows taken just after an
+  event's onset (when stage 1 triggers) and anywhere else, labelled per class as stage 1 is;
+- hard negatives mined from long streams of training negatives at their recorded levels: every
+  window where stage 1 crosses the trigger (what the confirmer actually sees in the field), with
+  extra weight, and impulsive look-alikes (hammering, slams, fireworks, ...) weighted again.
+
+Only sources outside data.HELDOUT_SOURCES are used, so tools/evaluate.py's held-out-source figures
+are about recordings neither stage has heard. Embeddings are cached in --cache (git-ignored runs/).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from datetime import datetime, timezone  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import augment  # noqa: E402
+import data  # noqa: E402
+
+log = logging.getLogger("train_confirm")
+
+MINED_WEIGHT = 3.0
+"""Loss weight of a negative window mined where stage 1 fired on a long negative stream."""
+IMPULSIVE_WEIGHT = 2.0
+"""Extra factor for mined windows of impulsive look-alikes (augment.is_hard_negative kinds)."""
+
+
+class TaggerEmbedder:
+    """mn04 (frozen) over 1 s windows: [embedding | 527 logits] per window, batched."""
+
+    def __init__(self, pretrained: str, threads: int = 1):
+        import torch
+
+        from earshot.mn import MnFeatures, MobileNetTagger
+
+        torch.set_num_threads(threads)
+        self.net = MobileNetTagger()
+        self.net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True), strict=True)
+        self.net.eval()
+        self.features = MnFeatures()
+        self._ort = None
+        try:  # ONNX Runtime runs mn04's depthwise convolutions about 3x faster than torch on a CPU
+            import io
+
+            import onnxruntime as ort
+
+            buf = io.BytesIO()
+            torch.onnx.export(self.net, (torch.zeros(1, 1, 128, 100),), buf, input_names=["mel"],
+                              output_names=["logits", "embedding"], dynamic_axes={"mel": {0: "batch", 3: "frames"}},
+                              opset_version=17, dynamo=False)
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+            self._ort = ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
+        except ImportError:
+            log.info("onnxruntime not installed: embedding with torch (slower)")
+
+    def __call__(self, windows: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        mel = self.features.batch(np.stack(windows))
+        if self._ort is not None:
+            logits, emb = self._ort.run(None, {"mel": mel})
+        else:
+            with torch.inference_mode():
+                lo, em = self.net(torch.from_numpy(mel))
+            logits, emb = lo.numpy(), em.numpy()
+        return np.concatenate([emb, logits], axis=1).astype(np.float32)
+
+
+def window_audio(mix: np.ndarray, end_frame: int, p) -> np.ndarray:
+    """The 1 s of samples a stage-1 window ending at `end_frame` covers (what the confirmer scores)."""
+    end = (end_frame - 1) * p.hop_length + p.win_length
+    n = int(round(p.chunk_s * p.sample_rate))
+    seg = mix[max(0, end - n): end]
+    return np.pad(seg, (n - len(seg), 0)) if len(seg) < n else seg
+
+
+def mixture_windows(mixer: augment.Mixer, rng: np.random.Generator, n: int, p_opus: float
+                    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """`n` labelled windows from mixtures: (audio windows, targets (n, C), masks (n, C))."""
+    p = mixer.p
+    chunk = p.chunk_frames
+    wins, ys, ms = [], [], []
+    while len(wins) < n:
+        mix, placed, end0 = mixer.mixture(rng)
+        total = (len(mix) - p.win_length) // p.hop_length + 1
+        ends = list(end0 + rng.integers(0, int(mixer.cfg.span_s * 100) + 1, size=2))
+        pos = [ev for ev in placed if ev.cls >= 0]
+        if pos:  # the windows stage 1 triggers on: 0.05-0.6 s after the onset
+            ev = pos[int(rng.integers(len(pos)))]
+            ends.append(ev.hop0 + int(np.flatnonzero(ev.active)[0]) + int(rng.integers(5, 61)))
+        for e in ends:
+            e = int(np.clip(e, chunk, total))
+            y, m = mixer.label_window(placed, e)
+            w = window_audio(mix, e, p)
+            if rng.random() < p_opus:
+                w = augment.opus_round_trip(w, p.sample_rate)
+            wins.append(w)
+            ys.append(y)
+            ms.append(m)
+    return wins[:n], np.stack(ys[:n]), np.stack(ms[:n])
+
+
+def mined_windows(items, stage1, rng: np.random.Generator, trigger: float, limit: int
+                  ) -> tuple[list[np.ndarray], list[str]]:
+    """Windows where stage 1 reaches `trigger` on long streams of training negatives at recorded levels."""
+    import evaluate
+
+    from earshot.config import DetectConfig
+    from earshot.offline import detect_samples
+
+    streams, spans = evaluate.fa_streams(items, seed=int(rng.integers(1 << 30)))
+    p = stage1.frontend
+    n = int(round(p.chunk_s * p.sample_rate))
+    found: list[tuple[np.ndarray, str]] = []
+    for x, sp in zip(streams, spans):
+        hops: list = []
+        detect_samples(x, stage1, DetectConfig(), hops=hops)
+        for h in hops:
+            if float(np.max(h.scores)) >= trigger:
+                end = int(round(h.t_end * p.sample_rate))
+                kind = next((c.kind for a, b, c in sp if a <= h.t_end - 0.5 < b), "")
+                found.append((x[max(0, end - n): end], kind))
+    log.info("mined %d windows where stage 1 reached %.2f on %.2f h of training negatives", len(found), trigger,
+             sum(len(x) for x in streams) / p.sample_rate / 3600)
+    if len(found) > limit:
+        found = [found[i] for i in rng.choice(len(found), limit, replace=False)]
+    return [np.pad(w, (n - len(w), 0)) for w, _ in found], [k for _, k in found]
+
+
+def build_cache(args, stage1) -> dict[str, np.ndarray]:
+    """Embeddings and labels of every training window (mixtures, then mined negatives)."""
+    clips = data.read_index(args.data)
+    train_clips, _, _ = data.source_split(clips, heldout_sources=data.parse_sources(args.heldout_sources))
+    t = time.monotonic()
+    audio = data.load_all(args.data, train_clips)
+    log.info("loaded %d training clips (%.2f h) in %.0f s", len(train_clips),
+             sum(len(a) for a in audio) / data.SAMPLE_RATE / 3600, time.monotonic() - t)
+    items = list(zip(train_clips, audio))
+    rng = np.random.default_rng(args.seed)
+    mixer = augment.real_mixer(items, data.EVENT_LABELS, stage1.frontend, augment.MixConfig())
+    embed = TaggerEmbedder(args.pretrained, args.threads)
+    out: dict[str, list] = {"x": [], "y": [], "m": [], "w": []}
+    t = time.monotonic()
+    done = 0
+    while done < args.windows:
+        wins, y, m = mixture_windows(mixer, rng, min(256, args.windows - done), args.p_opus)
+        out["x"].append(embed(wins))
+        out["y"].append(y)
+        out["m"].append(m)
+        out["w"].append(np.ones(len(wins), dtype=np.float32))
+        done += len(wins)
+        if done % 2048 < 256:
+            log.info("mixture windows: %d / %d (%.1f ms each)", done, args.windows, 1000 * (time.monotonic() - t) / done)
+    negatives = [(c, x) for c, x in items if c.label == data.NEGATIVE]
+    wins, kinds = mined_windows(negatives, stage1, rng, args.trigger, args.mined)
+    for i in range(0, len(wins), 256):
+        out["x"].append(embed(wins[i: i + 256]))
+    n_lab = len(data.EVENT_LABELS)
+    out["y"].append(np.zeros((len(wins), n_lab), dtype=np.float32))
+    out["m"].append(np.ones((len(wins), n_lab), dtype=np.float32))
+    out["w"].append(np.array([MINED_WEIGHT * (IMPULSIVE_WEIGHT if augment.is_hard_negative(k) else 1.0) for k in kinds],
+                             dtype=np.float32))
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int):
+    """The confirm head on cached tagger outputs; returns (head, training summary)."""
+    import torch
+
+    from earshot.confirm import ConfirmHead
+
+    torch.manual_seed(seed)
+    x = torch.from_numpy(cache["x"])
+    y, m, w = (torch.from_numpy(cache[k]) for k in ("y", "m", "w"))
+    head = ConfirmHead(x.shape[1], hidden, y.shape[1])
+    head.set_normalization(x.mean(0), x.std(0) + 1e-3)
+    pos = (y * m).sum(0)
+    neg = ((1 - y) * m).sum(0)
+    pos_weight = torch.clamp(neg / pos.clamp(min=1), max=10.0)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-3)
+    n = len(x)
+    steps = epochs * (n // 256 + 1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
+    gen = torch.Generator().manual_seed(seed)
+    head.train()
+    losses = []
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, 256):
+            b = perm[i: i + 256]
+            xb = x[b] + 0.05 * torch.randn(len(b), x.shape[1], generator=gen) * head.scale  # feature noise
+            logits = head(xb)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[b], pos_weight=pos_weight,
+                                                                        reduction="none")
+            loss = (loss * m[b] * w[b, None]).sum() / (m[b] * w[b, None]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+    head.eval()
+    return head, {"windows": n, "epochs": epochs, "final_loss": float(np.mean(losses[-50:])),
+                  "positives_per_class": pos.tolist(), "mined_negatives": int((w > 1.5).sum())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(data.default_data_dir()))
+    ap.add_argument("--pretrained", default=str(data.default_data_dir().parent / "pretrained" / "mn04_as_mAP_432.pt"))
+    ap.add_argument("--stage1", default="models/earshot.pt", help="streaming CNN checkpoint (stage 1)")
+    ap.add_argument("--mine-with", default=None, help="checkpoint used to mine hard negatives (default: --stage1)")
+    ap.add_argument("--out", required=True, help="cascade checkpoint to write")
+    ap.add_argument("--cache", default=None, help="embedding cache (.npz): reused when it exists")
+    ap.add_argument("--windows", type=int, default=30000, help="mixture windows")
+    ap.add_argument("--mined", type=int, default=15000, help="at most this many mined negative windows")
+    ap.add_argument("--trigger", type=float, default=0.1, help="stage-1 score that asks the confirmer")
+    ap.add_argument("--p-opus", type=float, default=0.3, help="share of windows round-tripped through Opus")
+    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--heldout-sources", default=None,
+                    help="comma-separated sources never trained on (default: data.HELDOUT_SOURCES)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    from earshot.confirm import Confirmer, attach_confirmer
+    from earshot.model import load_checkpoint
+
+    stage1 = load_checkpoint(args.stage1)
+    if args.cache and Path(args.cache).is_file():
+        cache = dict(np.load(args.cache))
+        log.info("reusing %s: %d windows", args.cache, len(cache["x"]))
+    else:
+        miner = load_checkpoint(args.mine_with) if args.mine_with else stage1
+        cache = build_cache(args, miner)
+        if args.cache:
+            Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.cache, **cache)
+    head, summary = train_head(cache, args.seed, args.epochs, args.hidden)
+    log.info("head trained: %s", summary)
+    import torch
+
+    from earshot.mn import MobileNetTagger
+
+    tagger = MobileNetTagger()
+    tagger.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True), strict=True)
+    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels})
+    prov = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+            "pretrained": "EfficientAT mn04_as (AudioSet, mAP 0.432), MIT licence, frozen",
+            "heldout_sources": list(data.parse_sources(args.heldout_sources)), **summary}
+    attach_confirmer(args.stage1, args.out, confirmer, prov)
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
