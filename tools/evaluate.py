@@ -533,7 +533,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from earshot.model import CheckpointError, load_checkpoint, save_checkpoint
+    from earshot.model import CheckpointError
+    from earshot.model.checkpoint import load_checkpoint, save_checkpoint
 
     torch.set_num_threads(args.threads)
     t_start = time.monotonic()

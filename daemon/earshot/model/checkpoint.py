@@ -3,7 +3,15 @@
 A checkpoint is a `torch.save` of plain types only (so `torch.load(weights_only=True)` reads
 it): format tag and version, labels, frontend parameters, `CnnDims`, default thresholds,
 JSON provenance and the state dict. Loading validates every part and raises
-`CheckpointError` with one clear line on anything wrong. `earshot.model` re-exports these names.
+`CheckpointError` with one clear line on anything wrong.
+
+Room to grow: an optional `sections` entry (a dict of named sections, each plain types and
+tensors) carries parts that not every model has, such as a second-stage network. A checkpoint
+without it loads with `sections == {}`, and `save_checkpoint` writes the key only when there is a
+section, so a plain checkpoint stays readable by earshots that predate it. Each section is checked
+by the module that uses it; this one checks only that it holds safe, finite plain data.
+
+Top of the torch side of the model package: imports `spec` and `cnn` (which imports `scoring`).
 """
 
 from __future__ import annotations
@@ -20,14 +28,16 @@ import numpy as np
 import torch
 
 from earshot.features import FrontendParams
-from earshot.model import MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
-from earshot.modelspec import CheckpointError, CnnDims, validate_labels
+from earshot.model.cnn import MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
+from earshot.model.spec import CheckpointError, CnnDims, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "earshot-checkpoint"
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "thresholds", "provenance", "state_dict")
+_OPTIONAL_KEYS = ("sections",)
+"""Keys a checkpoint may leave out; a loader treats an absent one as empty."""
 
 
 @dataclass(frozen=True)
@@ -46,10 +56,12 @@ class LoadedModel:
     """Default decision threshold per label (probability in (0, 1))."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Free-form training metadata (data, commit, metrics), plain JSON types."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Optional named extra parts of the checkpoint (plain types and tensors); empty when absent."""
 
     @property
     def backend(self) -> str:
-        """Which runtime scores this model: 'torch' (see earshot.backend for 'onnx')."""
+        """Which runtime scores this model: 'torch' (see earshot.model.onnx for 'onnx')."""
         return "torch"
 
     def streaming_scorer(self, chunk_frames: int, hop_frames: int) -> StreamingScorer:
@@ -72,8 +84,12 @@ def save_checkpoint(
     frontend: FrontendParams,
     thresholds: dict[str, float],
     provenance: dict[str, Any],
+    sections: dict[str, Any] | None = None,
 ) -> None:
-    """Write a checkpoint that `load_checkpoint` accepts (validated before writing)."""
+    """Write a checkpoint that `load_checkpoint` accepts (validated before writing).
+
+    `sections`: optional named extra parts (see the module docstring); written only when non-empty.
+    """
     labels = [str(x) for x in labels]
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
     validate_labels(labels, thresholds, model.dims)
@@ -92,6 +108,10 @@ def save_checkpoint(
         "provenance": provenance,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if sections:
+        if not isinstance(sections, dict) or not all(isinstance(k, str) and k for k in sections):
+            raise CheckpointError("sections must be a dict with non-empty string keys")
+        ckpt["sections"] = sections
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -132,7 +152,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
             f"{path} has checkpoint version {ckpt.get('version')!r}; this earshot reads version {CHECKPOINT_VERSION}"
         )
     missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
-    extra = sorted(set(map(str, ckpt)) - set(_CHECKPOINT_KEYS))
+    extra = sorted(set(map(str, ckpt)) - set(_CHECKPOINT_KEYS) - set(_OPTIONAL_KEYS))
     if missing or extra:
         raise CheckpointError(f"bad checkpoint {path}: missing keys {missing}, unknown keys {extra}")
     labels = _expect(ckpt, "labels", list, path)
@@ -140,6 +160,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         raise CheckpointError(f"bad checkpoint {path}: labels must be strings")
     thresholds = _expect(ckpt, "thresholds", dict, path)
     provenance = _expect(ckpt, "provenance", dict, path)
+    sections = _expect(ckpt, "sections", dict, path) if "sections" in ckpt else {}
     state_dict = _expect(ckpt, "state_dict", dict, path)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"bad checkpoint {path}: state_dict must hold only tensors")
@@ -187,9 +208,8 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         frontend=saved_frontend,
         thresholds={k: float(v) for k, v in thresholds.items()},
         provenance=provenance,
+        sections=sections,
     )
-
-
 
 __all__ = [
     "CHECKPOINT_FORMAT",
