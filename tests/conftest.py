@@ -18,8 +18,9 @@ from brokers import closing, mosquitto, mosquitto_factory  # noqa: E402,F401  (f
 
 # The tiny model depends only on these files; its checkpoint is cached under that key so a rerun
 # skips the ~30 s of training (a fresh clone trains it once).
-_TINY_INPUTS = ("tests/tinymodel.py", "tools/train.py", "tools/augment.py", "daemon/earshot/model.py",
-                "daemon/earshot/features.py", "daemon/earshot/synth.py", "daemon/earshot/checkpoint.py", "tools/data.py")
+_TINY_INPUTS = ("tests/tinymodel.py", "tools/train.py", "tools/augment.py", "daemon/earshot/model/cnn.py",
+                "daemon/earshot/model/spec.py", "daemon/earshot/features.py", "daemon/earshot/synth.py",
+                "daemon/earshot/model/checkpoint.py", "tools/data.py")
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +42,6 @@ def tiny_checkpoint(tmp_path_factory, request) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_checkpoint):
     """The tiny checkpoint, loaded."""
-    from earshot.model import load_checkpoint
+    from earshot.model.checkpoint import load_checkpoint
 
     return load_checkpoint(tiny_checkpoint)

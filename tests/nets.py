@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from earshot.model import CnnDims, SoundEventCnn
+from earshot.model import CnnDims
+from earshot.model.cnn import SoundEventCnn
 
 
 def random_model(seed: int = 0, dims: CnnDims | None = None) -> SoundEventCnn:

@@ -7,7 +7,9 @@ import torch
 from earshot.analyzer import BatchAnalyzer, StreamAnalyzer, level_dbfs
 from earshot.config import DetectConfig, FrontendConfig
 from earshot.features import FrontendParams
-from earshot.model import CnnDims, LoadedModel, SoundEventCnn
+from earshot.model import CnnDims
+from earshot.model.checkpoint import LoadedModel
+from earshot.model.cnn import SoundEventCnn
 from earshot.synth import scene
 
 pytestmark = pytest.mark.timeout(120)

@@ -19,11 +19,13 @@ if str(ROOT / "tools") not in sys.path:
 
 import data  # noqa: E402
 import evaluate  # noqa: E402
+from train_confirm import attach_confirmer  # noqa: E402
 
-from earshot.cascade import CascadeState  # noqa: E402
-from earshot.confirm import ConfirmError, ConfirmHead, Confirmer, attach_confirmer, from_dict  # noqa: E402
-from earshot.mn import MnFeatures, MobileNetTagger, kaldi_mel_banks, macs_per_second  # noqa: E402
-from earshot.model import CheckpointError, load_checkpoint  # noqa: E402
+from earshot.model import CheckpointError  # noqa: E402
+from earshot.model.cascade import CascadeState  # noqa: E402
+from earshot.model.checkpoint import load_checkpoint  # noqa: E402
+from earshot.model.confirm import ConfirmError, ConfirmHead, Confirmer, from_dict  # noqa: E402
+from earshot.model.mn import MnFeatures, MobileNetTagger, kaldi_mel_banks, macs_per_second  # noqa: E402
 from earshot.offline import detect_samples  # noqa: E402
 
 LABELS = ["alarm", "glass_break", "gunshot"]

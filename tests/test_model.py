@@ -16,17 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from earshot.features import FrontendParams
-from earshot.model import (
-    CheckpointError,
-    CnnDims,
-    SoundEventCnn,
-    StreamingScorer,
-    default_model_path,
-    load_checkpoint,
-    macs_per_frame,
-    save_checkpoint,
-    score_windows,
-)
+from earshot.model import CheckpointError, CnnDims, default_model_path, macs_per_frame
+from earshot.model.checkpoint import load_checkpoint, save_checkpoint
+from earshot.model.cnn import SoundEventCnn, StreamingScorer, score_windows
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""Many streams, one worker: MultiStreamScorer equals independent StreamingScorers (earshot.model/backend)."""
+"""Many streams, one worker: MultiStreamScorer equals independent StreamingScorers (earshot.model.cnn/scoring)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,11 @@ import pytest
 from nets import random_model as _random_model
 import torch
 
-from earshot.backend import StepScorer, pool_scores
+from earshot.model.scoring import StepScorer, pool_scores
 from earshot.features import FrontendParams
-from earshot.model import (
-    CnnDims,
-    LoadedModel,
-    MultiStreamScorer,
-    SoundEventCnn,
-    StreamingScorer,
-    _FoldedNet,
-    score_windows,
-)
+from earshot.model import CnnDims
+from earshot.model.checkpoint import LoadedModel
+from earshot.model.cnn import FoldedNet, MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -86,7 +80,7 @@ def test_reset_one_stream(model: SoundEventCnn) -> None:
 
 def test_one_step_call_per_block_size(model: SoundEventCnn) -> None:
     """Streams pushing the same number of frames share one batched forward pass (the whole point)."""
-    net = _FoldedNet(model)
+    net = FoldedNet(model)
     calls: list[tuple[int, int]] = []
 
     def step(x, caches):  # noqa: ANN001, ANN202 - the real step, recording its batch shape
@@ -132,7 +126,7 @@ def test_bad_input(model: SoundEventCnn) -> None:
 
 def test_pool_scores_matches_torch() -> None:
     """numpy attention pooling equals the model's torch pooling, including large attention logits."""
-    from earshot.model import attention_pool
+    from earshot.model.cnn import attention_pool
 
     rows = np.random.default_rng(2).standard_normal((4, 70, 6)).astype(np.float32) * 30
     want = torch.sigmoid(attention_pool(torch.from_numpy(rows[..., :3]), torch.from_numpy(rows[..., 3:]))).numpy()
@@ -140,13 +134,13 @@ def test_pool_scores_matches_torch() -> None:
 
 
 def test_backend_modules_do_not_import_torch() -> None:
-    """earshot.backend, earshot.modelspec and earshot.analyzer import without torch (ONNX-only daemons)."""
+    """earshot.model (spec, scoring, onnx) and earshot.analyzer import without torch (ONNX-only daemons)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    code = "import sys, earshot.backend, earshot.modelspec, earshot.analyzer; print('torch' in sys.modules)"
+    code = "import sys, earshot.model, earshot.model.scoring, earshot.model.spec, earshot.model.onnx, earshot.analyzer; print('torch' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "daemon"))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0, out.stderr

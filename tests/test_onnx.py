@@ -16,11 +16,11 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip 
 pytest.importorskip("onnx", reason="the onnx extra is not installed (pip install onnxruntime onnx)")
 
 from earshot.analyzer import StreamAnalyzer  # noqa: E402
-from earshot.backend import load_model  # noqa: E402
-from earshot.backend_onnx import META_KEY, OnnxModel, export_onnx, load_onnx, main  # noqa: E402
 from earshot.config import DetectConfig, FrontendConfig  # noqa: E402
 from earshot.features import FrontendParams, features  # noqa: E402
-from earshot.model import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from earshot.model import CheckpointError, load_model  # noqa: E402
+from earshot.model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from earshot.model.onnx import META_KEY, OnnxModel, export_onnx, load_onnx, main  # noqa: E402
 from earshot.synth import scene  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -106,7 +106,7 @@ def test_onnx_load_does_not_import_torch(files) -> None:
     """Loading an .onnx model and running the live analyzer on it never imports torch (the RSS saving)."""
     code = (
         "import sys, numpy as np\n"
-        "from earshot.backend import load_model\n"
+        "from earshot.model import load_model\n"
         "from earshot.analyzer import StreamAnalyzer\n"
         "from earshot.config import DetectConfig, FrontendConfig\n"
         f"m = load_model({str(files[1])!r})\n"
@@ -168,7 +168,7 @@ def test_bad_onnx_files(files, tmp_path) -> None:
 
 
 def test_export_cli(files, tmp_path, capsys) -> None:
-    """`python -m earshot.backend_onnx in.pt out.onnx` exports a loadable model; a bad input exits 1."""
+    """`earshot export-onnx in.pt out.onnx` (its main) exports a loadable model; a bad input exits 1."""
     out = tmp_path / "cli.onnx"
     assert main([str(files[0]), str(out)]) == 0
     assert load_onnx(out).labels == tuple(LABELS)

@@ -13,7 +13,9 @@ import torch
 
 from earshot.config import Config, SourceConfig
 from earshot.features import FrontendParams
-from earshot.model import CnnDims, LoadedModel, SoundEventCnn
+from earshot.model import CnnDims
+from earshot.model.checkpoint import LoadedModel
+from earshot.model.cnn import SoundEventCnn
 from earshot.sdnotify import Notifier
 from earshot import service as service_mod
 from earshot.service import Service

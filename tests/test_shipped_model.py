@@ -21,7 +21,7 @@ if str(ROOT / "tools") not in sys.path:
 import update_golden  # noqa: E402
 
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import load_checkpoint  # noqa: E402
+from earshot.model.checkpoint import load_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,7 +72,7 @@ def test_shipped_onnx_export_is_the_same_model(shipped):
     thresholds and frontend, and the same scores within 1e-4 on the golden input. Re-export with
     `earshot export-onnx models/earshot.pt models/earshot.onnx` after retraining."""
     pytest.importorskip("onnxruntime", reason="the ONNX backend is the optional 'onnx' extra")
-    from earshot.backend import load_model
+    from earshot.model import load_model
     from earshot.offline import score_samples
 
     onnx = load_model(ONNX, frontend=FrontendParams())

@@ -27,7 +27,9 @@ import train  # noqa: E402
 
 from earshot import synth  # noqa: E402
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import CnnDims, SoundEventCnn, load_checkpoint  # noqa: E402
+from earshot.model import CnnDims  # noqa: E402
+from earshot.model.checkpoint import load_checkpoint  # noqa: E402
+from earshot.model.cnn import SoundEventCnn  # noqa: E402
 from earshot.offline import detect_samples  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)

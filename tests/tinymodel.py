@@ -24,7 +24,8 @@ import train as train_mod  # noqa: E402
 
 from earshot import synth  # noqa: E402
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import CnnDims, save_checkpoint  # noqa: E402
+from earshot.model import CnnDims  # noqa: E402
+from earshot.model.checkpoint import save_checkpoint  # noqa: E402
 
 TINY_DIMS = CnnDims(channels=(8, 8, 12, 16), freq_strides=(2, 2, 2, 2), time_kernels=(3, 3, 3, 3), dilations=(1, 2, 4, 8),
                     embed_dim=24, dropout=0.1)

@@ -17,7 +17,7 @@ synthetic audio. For each it measures:
 
 Contenders:
   earshot      StreamingFeatures + StreamingScorer (live); features + score_windows (offline)
-  earshot-onnx the same network exported to ONNX (earshot.backend_onnx), run by ONNX Runtime;
+  earshot-onnx the same network exported to ONNX (earshot.model.onnx), run by ONNX Runtime;
                this process never imports torch
   recompute    same network, but log-mel of the last 1 s and the full-window forward every hop
   seed-recipe  1 s log-mel every hop + naive 3-conv CNN (32/64/128, 2x2 max-pool, softmax)
@@ -26,7 +26,7 @@ Contenders:
 
 Memory (daemon-like process, one stream): imports what `earshot run` imports for the worker
 (analyzer, detector, capture, MQTT/ZeroMQ publishers), loads the model file with
-`earshot.backend.load_model` (.pt -> torch, .onnx -> ONNX Runtime), runs a StreamAnalyzer over
+`earshot.model.load_model` (.pt -> torch, .onnx -> ONNX Runtime), runs a StreamAnalyzer over
 the audio in 0.1 s blocks; peak RSS, and whether torch was imported.
 
 Many streams (--streams 1,10,100): N live-rate streams, each pushing 0.1 s of audio per tick
@@ -141,7 +141,8 @@ def _yamnet_arch(n_classes: int = 521):  # noqa: ANN202
 
 def _earshot() -> tuple[Callable, Callable]:
     from earshot.features import FrontendParams, StreamingFeatures, features
-    from earshot.model import CnnDims, SoundEventCnn, StreamingScorer, score_windows
+    from earshot.model import CnnDims
+    from earshot.model.cnn import SoundEventCnn, StreamingScorer, score_windows
 
     p = FrontendParams()
     model = SoundEventCnn(CnnDims()).eval()
@@ -158,7 +159,7 @@ def _earshot() -> tuple[Callable, Callable]:
 
 def _earshot_onnx() -> tuple[Callable, Callable]:
     """The same network through ONNX Runtime (the file the driver exported); no torch import."""
-    from earshot.backend import load_model
+    from earshot.model import load_model
     from earshot.features import FrontendParams, StreamingFeatures, features
 
     p = FrontendParams()
@@ -227,7 +228,8 @@ def _recompute() -> tuple[Callable, Callable]:
     import torch
 
     from earshot.features import FrontendParams, features
-    from earshot.model import CnnDims, SoundEventCnn
+    from earshot.model import CnnDims
+    from earshot.model.cnn import SoundEventCnn
 
     p = FrontendParams()
     model = SoundEventCnn(CnnDims()).eval()
@@ -349,7 +351,7 @@ def _idle_rss() -> dict[str, Any]:
     import torch  # noqa: F401
 
     import earshot.features  # noqa: F401
-    import earshot.model  # noqa: F401
+    import earshot.model.cnn  # noqa: F401
 
     return {"name": "idle", "peak_rss_mb": _peak_rss_mb()}
 
@@ -361,7 +363,7 @@ def _daemon_rss(name: str, seconds: float) -> dict[str, Any]:
     import earshot.capture  # noqa: F401 - what the daemon imports besides the model
     import earshot.publish  # noqa: F401
     from earshot.analyzer import StreamAnalyzer
-    from earshot.backend import load_model
+    from earshot.model import load_model
     from earshot.config import DetectConfig, FrontendConfig
 
     suffix = ".onnx" if name == "daemon-onnx" else ".pt"
@@ -393,7 +395,7 @@ def _streams(backend: str, n: int, seconds: float) -> dict[str, Any]:
     """N live-rate streams: one batched MultiStreamScorer call per tick vs N independent scorers."""
     import numpy as np
 
-    from earshot.backend import load_model
+    from earshot.model import load_model
     from earshot.features import FrontendParams, StreamingFeatures
 
     p = FrontendParams()
@@ -431,14 +433,16 @@ def _export_models(directory: Path) -> bool:
     import torch
 
     from earshot.features import FrontendParams
-    from earshot.model import CnnDims, SoundEventCnn, load_checkpoint, save_checkpoint
+    from earshot.model import CnnDims
+    from earshot.model.checkpoint import load_checkpoint, save_checkpoint
+    from earshot.model.cnn import SoundEventCnn
 
     torch.manual_seed(0)
     thresholds = {k: 0.5 for k in LABELS}
     save_checkpoint(directory / "bench.pt", SoundEventCnn(CnnDims()).eval(), LABELS, FrontendParams(), thresholds,
                     {"name": "bench (random weights)"})
     try:
-        from earshot.backend_onnx import export_onnx
+        from earshot.model.onnx import export_onnx
 
         export_onnx(load_checkpoint(directory / "bench.pt"), directory / "bench.onnx")
     except ImportError as exc:

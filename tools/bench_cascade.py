@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from earshot import synth
-    from earshot.model import CheckpointError, load_checkpoint
+    from earshot.model import CheckpointError
+    from earshot.model.checkpoint import load_checkpoint
 
     torch.set_num_threads(1)
     try:

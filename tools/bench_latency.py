@@ -136,7 +136,7 @@ class _Collector:
 
 def _model_bound(model_path: Path, audio: np.ndarray, truth: list, confirm: int) -> list[float | None]:
     """Per truth sound: end of the first run of `confirm` hops scoring above threshold, minus its onset (s)."""
-    from earshot.backend import load_model
+    from earshot.model import load_model
     from earshot.features import features
 
     m = load_model(model_path)

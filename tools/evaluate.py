@@ -603,7 +603,7 @@ def _plain(obj):
 
 def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     """Calibrate (optionally) and evaluate one checkpoint on the chosen split; returns the result dict."""
-    from earshot.model import load_checkpoint, save_checkpoint
+    from earshot.model.checkpoint import load_checkpoint, save_checkpoint
 
     loaded = load_checkpoint(path)
     labels = list(loaded.labels)
@@ -670,7 +670,7 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
 
 def _save_thresholds(path, loaded, thresholds, info, args, result, method: str) -> None:
     """Re-save the checkpoint with calibrated thresholds (its confirm section kept)."""
-    from earshot.model import save_checkpoint
+    from earshot.model.checkpoint import save_checkpoint
 
     log.info("calibrated thresholds: %s", thresholds)
     for label, note in info["notes"].items():

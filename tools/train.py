@@ -43,7 +43,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from earshot.features import FrontendParams  # noqa: E402
-from earshot.model import CnnDims, SoundEventCnn, macs_per_frame, pool_windows, save_checkpoint  # noqa: E402
+from earshot.model import CnnDims, macs_per_frame  # noqa: E402
+from earshot.model.checkpoint import save_checkpoint  # noqa: E402
+from earshot.model.cnn import SoundEventCnn, pool_windows  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402

@@ -51,7 +51,7 @@ class TaggerEmbedder:
     def __init__(self, pretrained: str, threads: int = 1):
         import torch
 
-        from earshot.mn import MnFeatures, MobileNetTagger
+        from earshot.model.mn import MnFeatures, MobileNetTagger
 
         torch.set_num_threads(threads)
         self.net = MobileNetTagger()
@@ -189,7 +189,7 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
     """The confirm head on cached tagger outputs; returns (head, training summary)."""
     import torch
 
-    from earshot.confirm import ConfirmHead
+    from earshot.model.confirm import ConfirmHead
 
     torch.manual_seed(seed)
     x = torch.from_numpy(cache["x"])
@@ -225,6 +225,18 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
                   "positives_per_class": pos.tolist(), "mined_negatives": int((w > 1.5).sum())}
 
 
+def attach_confirmer(stage1_path: str, out_path: str, confirmer, provenance: dict[str, Any]) -> None:
+    """Write stage 1's checkpoint again with `confirmer` as its confirm section."""
+    from earshot.model.checkpoint import load_checkpoint, save_checkpoint
+
+    loaded = load_checkpoint(stage1_path)
+    confirmer.provenance = provenance
+    prov = dict(loaded.provenance)
+    prov["confirm"] = provenance
+    save_checkpoint(out_path, loaded.model, list(loaded.labels), loaded.frontend, dict(loaded.thresholds), prov,
+                    confirm=confirmer)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=str(data.default_data_dir()))
@@ -246,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    from earshot.confirm import Confirmer, attach_confirmer
-    from earshot.model import load_checkpoint
+    from earshot.model.checkpoint import load_checkpoint
+    from earshot.model.confirm import Confirmer
 
     stage1 = load_checkpoint(args.stage1)
     if args.cache and Path(args.cache).is_file():
@@ -263,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("head trained: %s", summary)
     import torch
 
-    from earshot.mn import MobileNetTagger
+    from earshot.model.mn import MobileNetTagger
 
     tagger = MobileNetTagger()
     tagger.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True), strict=True)

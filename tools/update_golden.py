@@ -38,7 +38,7 @@ def compute(model_path: str | Path) -> dict:
     """Scores of the model on the golden input, with what is needed to reproduce them."""
     import torch
 
-    from earshot.model import load_checkpoint
+    from earshot.model.checkpoint import load_checkpoint
     from earshot.offline import score_samples
 
     torch.set_num_threads(1)

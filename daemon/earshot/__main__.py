@@ -43,8 +43,8 @@ def _config(path: str | None) -> Config:
 
 def _load_model(config: Config):
     """The configured model: a .pt checkpoint runs on torch, an .onnx export on ONNX Runtime (no torch)."""
-    from .backend import load_model
-    from .modelspec import default_model_path
+    from .model import load_model
+    from .model import default_model_path
 
     path = Path(config.model.path) if config.model.path else default_model_path()
     return load_model(path, threads=config.model.threads)
@@ -140,7 +140,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
-    from .backend_onnx import main as export_main
+    from .model.onnx import main as export_main
 
     return export_main([args.checkpoint, args.output])
 
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .capture import CaptureError
-    from .modelspec import CheckpointError
+    from .model import CheckpointError
     from .publish import PublishError
 
     try:

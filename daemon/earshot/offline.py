@@ -11,7 +11,7 @@ import numpy as np
 from .analyzer import BatchAnalyzer, Hop
 from .config import DetectConfig, FrontendConfig
 from .events import END, Event
-from .backend import ScoringModel as LoadedModel
+from .model import ScoringModel as LoadedModel
 
 BLOCK_S = 30.0
 """Audio scored per batch (s): large enough for fast batched inference, small enough for bounded memory."""

@@ -23,7 +23,7 @@ from .config import DetectConfig, FrontendConfig
 from .detect import make_rules
 from .events import END, START, Event
 from .features import FrontendParams, log_mel
-from .model import LoadedModel
+from .model import ScoringModel as LoadedModel
 from .offline import detect_samples
 
 PANEL_TITLES = ("Waveform", "Level per hop (dBFS)", "Log-mel spectrogram", "Class scores and thresholds",

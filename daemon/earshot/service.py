@@ -26,7 +26,7 @@ from .capture import Capture, CaptureError, make_capture
 from .config import Config, ConfigError, SourceConfig
 from .detect import make_rules
 from .events import Event
-from .backend import ScoringModel as LoadedModel
+from .model import ScoringModel as LoadedModel
 from .publish import Fanout
 from .sdnotify import Notifier
 

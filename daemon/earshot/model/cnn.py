@@ -30,46 +30,20 @@ Why this shape:
 At about 100 frames/s the network costs ~23 M MAC/s per stream, a fraction of a percent of
 one core once per-call overhead is amortised over a 10-frame hop (see tools/bench.py).
 
-The checkpoint format (`LoadedModel`, `save_checkpoint`, `load_checkpoint`) lives in
-`earshot.checkpoint`; those names are re-exported here (lazily, to avoid an import cycle),
-so `from earshot.model import load_checkpoint` keeps working.
+Inside the package this module imports `spec` and `scoring` only; the checkpoint format
+(`earshot.model.checkpoint`) builds these networks, and the ONNX export
+(`earshot.model.onnx`) reuses `FoldedNet`'s folding.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from earshot.backend import StepScorer
-from earshot.modelspec import (
-    CheckpointError,
-    CnnDims,
-    check_features,
-    default_model_path,
-    macs_per_frame,
-    no_windows,
-)
-
-if TYPE_CHECKING:  # the real import is lazy (__getattr__): earshot.checkpoint imports this module
-    from earshot.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, LoadedModel, load_checkpoint, save_checkpoint
-
-_CHECKPOINT_NAMES = ("CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "LoadedModel", "load_checkpoint", "save_checkpoint")
-
-
-def __getattr__(name: str) -> Any:
-    """The checkpoint names moved to `earshot.checkpoint`, imported on first use.
-
-    Not a plain import: earshot.checkpoint builds `SoundEventCnn`s, so it imports this module first.
-    """
-    if name in _CHECKPOINT_NAMES:
-        from earshot import checkpoint
-
-        return getattr(checkpoint, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+from earshot.model.scoring import StepScorer, check_window
+from earshot.model.spec import CnnDims, check_features, no_windows
 
 
 class SoundEventCnn(nn.Module):
@@ -166,7 +140,7 @@ def pool_windows(logits: torch.Tensor, att: torch.Tensor, window: int, hop: int)
 # Inference: BatchNorm folded into the convolutions, shared by the streaming and offline paths
 
 
-class _FoldedNet:
+class FoldedNet:
     """Eval-mode copy of a `SoundEventCnn` with BatchNorm folded into the convolutions.
 
     Folding removes 5 of ~15 small ops per call, which is most of the cost at a 10-frame hop.
@@ -185,7 +159,7 @@ class _FoldedNet:
             self.convs: list[tuple[torch.Tensor, torch.Tensor, tuple[int, int], tuple[int, int], tuple[int, int]]] = []
             for block in model.convs:
                 conv, cbn = block[0], block[1]
-                w, b = _fold(conv.weight, cbn)
+                w, b = fold_batchnorm(conv.weight, cbn)
                 k, d = w.shape[3], conv.dilation[1]
                 if d > 1:
                     # Dilated conv2d takes a slow path on CPU (about 2x here at a 10-frame hop).
@@ -194,7 +168,7 @@ class _FoldedNet:
                     w = w.permute(0, 3, 1, 2).reshape(w.shape[0], k * w.shape[1], w.shape[2], 1).contiguous()
                 self.convs.append((w, b, conv.stride, conv.padding, (k, d)))
             pconv, pbn = model.proj[0], model.proj[1]
-            w, b = _fold(pconv.weight, pbn)
+            w, b = fold_batchnorm(pconv.weight, pbn)
             self.proj_w = w.squeeze(-1)  # (D, C*F)
             self.proj_b = b
             # Both heads in one matmul: (2C, D).
@@ -231,7 +205,7 @@ class _FoldedNet:
         return F.linear(emb, self.head_w, self.head_b)  # (B, L, 2C)
 
     def step(self, x: np.ndarray, caches: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Streaming step (see earshot.backend): frames (B, n, n_mels) + full layer caches -> rows (B, n, 2C)."""
+        """Streaming step (see earshot.model.scoring): frames (B, n, n_mels) + full layer caches -> rows (B, n, 2C)."""
         with torch.inference_mode():
             h = self.normalize(torch.from_numpy(x))  # (B, 1, n_mels, n)
             new = []
@@ -249,22 +223,12 @@ class _FoldedNet:
         return self.heads(h)
 
 
-def _fold(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batchnorm(weight: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold eval-mode BatchNorm after a bias-free conv into (weight, bias), float32."""
     scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)  # (C,)
     w = weight.double() * scale.view(-1, *([1] * (weight.dim() - 1)))
     b = bn.bias.double() - bn.running_mean.double() * scale
     return w.float().contiguous(), b.float().contiguous()
-
-
-def _check_window(model: SoundEventCnn, chunk_frames: int, hop_frames: int) -> int:
-    """Validate window/hop against the model; return L, the frame positions per window."""
-    r = model.dims.receptive_frames
-    if chunk_frames < r:
-        raise ValueError(f"chunk_frames={chunk_frames} is shorter than the receptive field R={r}")
-    if hop_frames <= 0:
-        raise ValueError(f"hop_frames must be positive, got {hop_frames}")
-    return chunk_frames - r + 1
 
 
 class StreamingScorer:
@@ -281,10 +245,10 @@ class StreamingScorer:
     def __init__(self, model: SoundEventCnn, chunk_frames: int, hop_frames: int) -> None:
         self.chunk_frames = chunk_frames
         self.hop_frames = hop_frames
-        self.n_positions = _check_window(model, chunk_frames, hop_frames)
+        self.n_positions = check_window(model.dims, chunk_frames, hop_frames)
         # A snapshot with eval semantics (running BN stats, no dropout); the model's own
         # train/eval mode is left untouched, and later weight updates are not seen.
-        self._net = _FoldedNet(model)
+        self._net = FoldedNet(model)
         self.reset()
 
     def reset(self) -> None:
@@ -351,7 +315,7 @@ class MultiStreamScorer(StepScorer):
     """
 
     def __init__(self, model: SoundEventCnn, chunk_frames: int, hop_frames: int, n_streams: int) -> None:
-        net = _FoldedNet(model)
+        net = FoldedNet(model)
         super().__init__(net.step, model.dims, chunk_frames, hop_frames, n_streams)
 
 
@@ -370,13 +334,13 @@ def score_windows(
     windows are pooled at once. 512-frame segments keep each layer's activations in cache:
     about 2.5x faster on one thread than 4096 (tools/bench.py, offline column).
     """
-    big_l = _check_window(model, chunk_frames, hop_frames)
+    big_l = check_window(model.dims, chunk_frames, hop_frames)
     dims = model.dims
     feats = check_features(feats, dims)
     total = feats.shape[0]
     if total < chunk_frames:
         return no_windows(dims)
-    net = _FoldedNet(model)  # eval semantics; does not change the model's train/eval mode
+    net = FoldedNet(model)  # eval semantics; does not change the model's train/eval mode
     r = dims.receptive_frames
     step = max(1, segment_frames)
     parts = []
@@ -394,19 +358,12 @@ def score_windows(
 
 
 __all__ = [
-    "CHECKPOINT_FORMAT",
-    "CHECKPOINT_VERSION",
-    "CheckpointError",
-    "CnnDims",
-    "LoadedModel",
+    "FoldedNet",
     "MultiStreamScorer",
     "SoundEventCnn",
     "StreamingScorer",
     "attention_pool",
+    "fold_batchnorm",
     "pool_windows",
-    "default_model_path",
-    "load_checkpoint",
-    "macs_per_frame",
-    "save_checkpoint",
     "score_windows",
 ]

@@ -1,6 +1,6 @@
 """Per-stream cascade bookkeeping between stage 1's scores and the confirmer (numpy only, no torch).
 
-See earshot.confirm for what the cascade is. For each hop: classes whose stage-1 score reaches their
+See earshot.model.confirm for what the cascade is. For each hop: classes whose stage-1 score reaches their
 trigger take the confirmer's score instead; a confirmation is reused for `reuse_hops` hops while its
 class stays triggered, and forgotten as soon as the class drops below its trigger.
 """

@@ -135,15 +135,3 @@ def from_dict(d: Any, labels: list[str]) -> Confirmer:
         raise ConfirmError(f"confirm section: {' '.join(str(exc).split())[:300]}") from exc
     return Confirmer(tagger, head, list(labels), {k: float(v) for k, v in triggers.items()}, window_s, reuse,
                      dict(d.get("provenance") or {}))
-
-
-def attach_confirmer(stage1_path: str, out_path: str, confirmer: Confirmer, provenance: dict[str, Any]) -> None:
-    """Write stage 1's checkpoint again with `confirmer` as its confirm section."""
-    from .checkpoint import load_checkpoint, save_checkpoint
-
-    loaded = load_checkpoint(stage1_path)
-    confirmer.provenance = provenance
-    prov = dict(loaded.provenance)
-    prov["confirm"] = provenance
-    save_checkpoint(out_path, loaded.model, list(loaded.labels), loaded.frontend, dict(loaded.thresholds), prov,
-                    confirm=confirmer)

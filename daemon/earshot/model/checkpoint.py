@@ -3,7 +3,15 @@
 A checkpoint is a `torch.save` of plain types only (so `torch.load(weights_only=True)` reads
 it): format tag and version, labels, frontend parameters, `CnnDims`, default thresholds,
 JSON provenance and the state dict. Loading validates every part and raises
-`CheckpointError` with one clear line on anything wrong. `earshot.model` re-exports these names.
+`CheckpointError` with one clear line on anything wrong.
+
+Room to grow: an optional `sections` entry (a dict of named sections, each plain types and
+tensors) carries parts that not every model has, such as a second-stage network. A checkpoint
+without it loads with `sections == {}`, and `save_checkpoint` writes the key only when there is a
+section, so a plain checkpoint stays readable by earshots that predate it. Each section is checked
+by the module that uses it; this one checks only that it holds safe, finite plain data.
+
+Top of the torch side of the model package: imports `spec` and `cnn` (which imports `scoring`).
 """
 
 from __future__ import annotations
@@ -20,16 +28,18 @@ import numpy as np
 import torch
 
 from earshot.features import FrontendParams
-from earshot.model import MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
-from earshot.modelspec import CheckpointError, CnnDims, validate_labels
+from earshot.model.cnn import MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
+from earshot.model.confirm import ConfirmError, from_dict
+from earshot.model.spec import CheckpointError, CnnDims, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "earshot-checkpoint"
 CHECKPOINT_VERSION = 1
 _CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "thresholds", "provenance", "state_dict")
-_OPTIONAL_KEYS = ("confirm",)
-"""Optional sections: "confirm" holds the cascade's second stage (earshot.confirm)."""
+_OPTIONAL_KEYS = ("sections", "confirm")
+"""Keys a checkpoint may leave out; a loader treats an absent one as empty. "confirm" holds the cascade's
+second stage (earshot.model.confirm), loaded as strictly as the network."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +58,14 @@ class LoadedModel:
     """Default decision threshold per label (probability in (0, 1))."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Free-form training metadata (data, commit, metrics), plain JSON types."""
+    sections: dict[str, Any] = field(default_factory=dict)
+    """Optional named extra parts of the checkpoint (plain types and tensors); empty when absent."""
     confirmer: Any = None
-    """The cascade's second stage (earshot.confirm.Confirmer), when the checkpoint has one."""
+    """The cascade's second stage (earshot.model.confirm.Confirmer), when the checkpoint has one."""
 
     @property
     def backend(self) -> str:
-        """Which runtime scores this model: 'torch' (see earshot.backend for 'onnx')."""
+        """Which runtime scores this model: 'torch' (see earshot.model.onnx for 'onnx')."""
         return "torch"
 
     def streaming_scorer(self, chunk_frames: int, hop_frames: int) -> StreamingScorer:
@@ -76,11 +88,14 @@ def save_checkpoint(
     frontend: FrontendParams,
     thresholds: dict[str, float],
     provenance: dict[str, Any],
+    sections: dict[str, Any] | None = None,
     confirm: Any = None,
 ) -> None:
     """Write a checkpoint that `load_checkpoint` accepts (validated before writing).
 
-    `confirm` (an earshot.confirm.Confirmer) is stored as the optional cascade section."""
+    `sections`: optional named extra parts (see the module docstring); written only when non-empty.
+    `confirm` (an earshot.model.confirm.Confirmer) is stored as the cascade's "confirm" section.
+    """
     labels = [str(x) for x in labels]
     thresholds = {str(k): float(v) for k, v in thresholds.items()}
     validate_labels(labels, thresholds, model.dims)
@@ -99,6 +114,10 @@ def save_checkpoint(
         "provenance": provenance,
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
+    if sections:
+        if not isinstance(sections, dict) or not all(isinstance(k, str) and k for k in sections):
+            raise CheckpointError("sections must be a dict with non-empty string keys")
+        ckpt["sections"] = sections
     if confirm is not None:
         ckpt["confirm"] = confirm.to_dict()
     path = Path(path)
@@ -149,6 +168,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         raise CheckpointError(f"bad checkpoint {path}: labels must be strings")
     thresholds = _expect(ckpt, "thresholds", dict, path)
     provenance = _expect(ckpt, "provenance", dict, path)
+    sections = _expect(ckpt, "sections", dict, path) if "sections" in ckpt else {}
     state_dict = _expect(ckpt, "state_dict", dict, path)
     if not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"bad checkpoint {path}: state_dict must hold only tensors")
@@ -190,8 +210,6 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
     model.eval()
     confirmer = None
     if "confirm" in ckpt:
-        from .confirm import ConfirmError, from_dict
-
         try:
             confirmer = from_dict(ckpt["confirm"], list(labels))
         except ConfirmError as exc:
@@ -204,10 +222,9 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
         frontend=saved_frontend,
         thresholds={k: float(v) for k, v in thresholds.items()},
         provenance=provenance,
+        sections=sections,
         confirmer=confirmer,
     )
-
-
 
 __all__ = [
     "CHECKPOINT_FORMAT",

@@ -4,14 +4,17 @@ The exported graph is the *streaming step* (as silero-vad exports its state): in
 frames `frames` (B, n, n_mels) and one cache per conv layer `cache_i` (B, C_i, F_i, ctx_i), the
 last ctx_i = (k-1)*dilation input columns of that layer; outputs are per-frame logit | attention
 rows `rows` (B, n, 2C) and the updated caches `cache_i_out`. Every frame passes every layer once,
-live or offline; `earshot.backend.StepScorer` does the window pooling in numpy. BatchNorm is
+live or offline; `earshot.model.scoring.StepScorer` does the window pooling in numpy. BatchNorm is
 folded into the convolutions at export. B and n are dynamic.
 
 Labels, frontend parameters, thresholds, dims and provenance travel in the model's
 metadata_props (key `earshot`, JSON), so `load_onnx` needs only onnxruntime and numpy: importing
 this module and loading a model never imports torch. Exporting needs torch and the `onnx` package.
+Inside the package this module imports `spec` and `scoring`; `cnn` and `checkpoint` (torch) only
+inside the export functions.
 
-    python -m earshot.backend_onnx models/earshot.pt models/earshot.onnx   # export + check
+    earshot export-onnx models/earshot.pt models/earshot.onnx   # export + check
+    python -m earshot.model.onnx models/earshot.pt models/earshot.onnx   # the same
 """
 
 from __future__ import annotations
@@ -26,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .backend import SingleStepScorer, StepScorer, cache_shapes, step_score_windows
-from .features import FrontendParams
-from .modelspec import CheckpointError, CnnDims, validate_labels
+from earshot.features import FrontendParams
+from earshot.model.scoring import SingleStepScorer, StepScorer, cache_shapes, step_score_windows
+from earshot.model.spec import CheckpointError, CnnDims, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ def _graph(loaded: Any) -> Any:
     import torch
     from onnx import TensorProto, helper, numpy_helper
 
-    from .model import _fold
+    from earshot.model.cnn import fold_batchnorm
 
     model, dims = loaded.model, loaded.dims
     inits: list[Any] = []
@@ -89,7 +92,7 @@ def _graph(loaded: Any) -> Any:
     h = "h0"
     for i, (block, (c, f, ctx)) in enumerate(zip(model.convs, cache_shapes(dims))):
         conv, cbn = block[0], block[1]
-        w, b = _fold(conv.weight, cbn)
+        w, b = fold_batchnorm(conv.weight, cbn)
         fk, k = w.shape[2], w.shape[3]
         cat = f"cat{i}"
         nodes.append(helper.make_node("Concat", [f"cache_{i}", h], [cat], axis=3))  # (B, C, F, ctx + n)
@@ -104,7 +107,7 @@ def _graph(loaded: Any) -> Any:
         nodes.append(helper.make_node("Relu", [f"conv{i}"], [f"h{i + 1}"]))
         h = f"h{i + 1}"
     pconv, pbn = model.proj[0], model.proj[1]
-    pw, pb = _fold(pconv.weight, pbn)
+    pw, pb = fold_batchnorm(pconv.weight, pbn)
     head_w = torch.cat([model.frame_logits.weight, model.frame_attention.weight])  # (2C, D)
     head_b = torch.cat([model.frame_logits.bias, model.frame_attention.bias])
     nodes += [
@@ -163,12 +166,12 @@ def export_onnx(loaded: Any, path: str | Path) -> Path:
 
 def _check_against_torch(loaded: Any, onnx_model: OnnxModel) -> None:
     """Raise CheckpointError if the ONNX step differs from the torch step on random frames."""
-    from .model import _FoldedNet
+    from earshot.model.cnn import FoldedNet
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3 * onnx_model.dims.receptive_frames, onnx_model.dims.n_mels)).astype(np.float32)
     caches = [rng.standard_normal((2, *s)).astype(np.float32) for s in cache_shapes(onnx_model.dims)]
-    want, want_c = _FoldedNet(loaded.model).step(x, [c.copy() for c in caches])
+    want, want_c = FoldedNet(loaded.model).step(x, [c.copy() for c in caches])
     got, got_c = onnx_model.step(x, caches)
     err = max(float(np.abs(a - b).max()) for a, b in zip([want, *want_c], [got, *got_c]))
     if err > EXPORT_TOLERANCE:
@@ -250,7 +253,7 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
     raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
     if raw is None:
         raise CheckpointError(f"{path} is not an earshot ONNX model (no '{META_KEY}' metadata); export it with "
-                              "python -m earshot.backend_onnx")
+                              "earshot export-onnx")
     try:
         meta = json.loads(raw)
         if not isinstance(meta, dict) or meta.get("format") != ONNX_FORMAT:
@@ -285,8 +288,8 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m earshot.backend_onnx CHECKPOINT.pt OUT.onnx`: export and self-check; exit 1 on error."""
-    ap = argparse.ArgumentParser(prog="python -m earshot.backend_onnx",
+    """`earshot export-onnx CHECKPOINT.pt OUT.onnx`: export and self-check; exit 1 on error."""
+    ap = argparse.ArgumentParser(prog="earshot export-onnx",
                                  description="export an earshot checkpoint to an ONNX streaming-step model")
     ap.add_argument("checkpoint", type=Path, help="the .pt checkpoint")
     ap.add_argument("output", type=Path, help="the .onnx file to write")
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import onnx  # noqa: F401 - only to give a clear message if the extra is missing
 
-        from .model import load_checkpoint
+        from earshot.model.checkpoint import load_checkpoint
 
         out = export_onnx(load_checkpoint(args.checkpoint), args.output)
     except ImportError as exc:

@@ -1,8 +1,9 @@
 """Torch-free description of an earshot model: architecture dims, label checks, model errors.
 
-Everything here is needed by every backend (torch checkpoints and ONNX files alike), so it must
-not import torch: a daemon that runs an .onnx model never loads torch (about 290 MB of RSS).
-`earshot.model` re-exports these names, so `from earshot.model import CnnDims` keeps working.
+The bottom of the model package (`spec <- scoring <- cnn <- checkpoint`, `onnx` beside them):
+everything here is needed by every backend (torch checkpoints and ONNX files alike), so it
+imports nothing from the package and must not import torch: a daemon that runs an .onnx model
+never loads torch (about 290 MB of RSS).
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ def default_model_path() -> Path:
     Returns the first candidate that exists, else the first candidate (so an error names it).
     """
     candidates = [
-        Path(__file__).resolve().parents[2] / "models" / "earshot.pt",  # source checkout / editable install
+        Path(__file__).resolve().parents[3] / "models" / "earshot.pt",  # source checkout / editable install
         Path(sys.prefix) / "share" / "earshot" / "models" / "earshot.pt",  # wheel install (data_files)
     ]
     for c in candidates:
@@ -156,4 +157,12 @@ def default_model_path() -> Path:
     return candidates[0]
 
 
-__all__ = ["CheckpointError", "CnnDims", "default_model_path", "macs_per_frame", "validate_labels"]
+__all__ = [
+    "CheckpointError",
+    "CnnDims",
+    "check_features",
+    "default_model_path",
+    "macs_per_frame",
+    "no_windows",
+    "validate_labels",
+]

@@ -1,9 +1,11 @@
-"""Backend-neutral scoring: the interface every model backend offers, and `load_model(path)`.
+"""Backend-neutral scoring: what every loaded model offers the analyzers, and the numpy step scorer.
 
-Two backends score the same network with the same numbers:
+The analyzers and the service talk to a model only through `ScoringModel` (labels, frontend,
+thresholds, provenance and three scorer factories), so a new backbone plugs in by offering
+those, without touching them. Both of today's backends score the same network with the same numbers:
 
-- torch (`.pt` checkpoints, `earshot.model.load_checkpoint`): the training format;
-- ONNX Runtime (`.onnx` files, `earshot.backend_onnx.load_onnx`): no torch import at all,
+- torch (`.pt` checkpoints, `earshot.model.checkpoint.load_checkpoint`): the training format;
+- ONNX Runtime (`.onnx` files, `earshot.model.onnx.load_onnx`): no torch import at all,
   about half the daemon's memory (see tools/bench.py).
 
 Both run the network as a *streaming step*: new frames (B, n, n_mels) plus each conv layer's
@@ -13,19 +15,18 @@ in real frames (frame index >= R - 1), so zero caches never reach a score. `Step
 bookkeeping (caches, per-stream history, pooling over the window) in numpy for any number of
 streams, stacking streams with the same number of new frames into one batched step call.
 
-This module must not import torch.
+This module must not import torch; inside the package it imports only `spec`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from .features import FrontendParams
-from .modelspec import CheckpointError, CnnDims, check_features, no_windows
+from earshot.features import FrontendParams
+from earshot.model.spec import CnnDims, check_features, no_windows
 
 StepFn = Callable[[np.ndarray, list[np.ndarray]], tuple[np.ndarray, list[np.ndarray]]]
 """frames (B, n, n_mels) float32, caches [(B, C_i, F_i, ctx_i)] -> rows (B, n, 2C), new caches."""
@@ -39,10 +40,23 @@ class SingleScorer(Protocol):
     def reset(self) -> None: ...
 
 
-class ScoringModel(Protocol):
-    """What the analyzers need from a loaded model, whatever runs it (torch or ONNX Runtime)."""
+class MultiScorer(Protocol):
+    """Many streams: `push([frames_i (n_i, n_mels)]) -> [[(end_frame, scores (C,))] per stream]`."""
 
-    dims: CnnDims
+    def push(self, frames_per_stream: Sequence[np.ndarray]) -> list[list[tuple[int, np.ndarray]]]: ...
+
+    def reset(self, i: int) -> None: ...
+
+    def rearrange(self, keep: Sequence[int | None]) -> None: ...
+
+
+class ScoringModel(Protocol):
+    """What the analyzers and the service need from a loaded model, whatever its network or runtime.
+
+    Scores are sigmoid probabilities (C,) in label order, one per window of `chunk_frames`
+    frames ending every `hop_frames` frames; live and offline scorers give the same numbers.
+    """
+
     labels: tuple[str, ...]
     frontend: FrontendParams
     thresholds: dict[str, float]
@@ -50,12 +64,12 @@ class ScoringModel(Protocol):
 
     @property
     def backend(self) -> str:
-        """'torch' or 'onnx'."""
+        """Which runtime scores it: 'torch' or 'onnx' (a name for logs and metrics)."""
 
     def streaming_scorer(self, chunk_frames: int, hop_frames: int) -> SingleScorer:
-        """A live scorer for one stream (same contract as `earshot.model.StreamingScorer`)."""
+        """A live scorer for one stream (same contract as `earshot.model.cnn.StreamingScorer`)."""
 
-    def multi_stream_scorer(self, chunk_frames: int, hop_frames: int, n_streams: int) -> StepScorer:
+    def multi_stream_scorer(self, chunk_frames: int, hop_frames: int, n_streams: int) -> MultiScorer:
         """A live scorer for `n_streams` streams batched into one forward pass per push."""
 
     def score_windows(self, feats: np.ndarray, chunk_frames: int, hop_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -242,30 +256,8 @@ def step_score_windows(
     return ends, scores
 
 
-def load_model(path: str | Path, frontend: FrontendParams | None = None, threads: int = 1) -> ScoringModel:
-    """Load a model file by extension: `.onnx` -> ONNX Runtime (no torch), anything else -> torch checkpoint.
-
-    `threads` is the intra-op thread count of the backend (torch.set_num_threads for torch, a
-    session option for ONNX Runtime). Raises CheckpointError (one clear line) on anything wrong.
-    """
-    path = Path(path)
-    if path.suffix.lower() == ".onnx":
-        from .backend_onnx import load_onnx
-
-        return load_onnx(path, frontend=frontend, threads=threads)
-    try:
-        import torch
-    except ImportError as exc:  # an ONNX-only install
-        raise CheckpointError(
-            f"{path} is a torch checkpoint but torch is not installed; use an .onnx model or install torch"
-        ) from exc
-    from .model import load_checkpoint
-
-    torch.set_num_threads(threads)
-    return load_checkpoint(path, frontend=frontend)
-
-
 __all__ = [
+    "MultiScorer",
     "ScoringModel",
     "SingleScorer",
     "SingleStepScorer",
@@ -273,7 +265,6 @@ __all__ = [
     "StepScorer",
     "cache_shapes",
     "check_window",
-    "load_model",
     "pool_scores",
     "step_score_windows",
 ]
