@@ -24,8 +24,7 @@ from .config import ConfigError, DetectConfig, FrontendConfig
 from .detect import Detector, make_rules
 from .events import Event
 from .features import StreamingFeatures
-from .model.cascade import CascadeState
-from .model import ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
+from .model import CascadeState, ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
 
 SILENCE_DBFS = -120.0
 """Level reported for digital silence (dBFS)."""

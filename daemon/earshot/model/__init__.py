@@ -7,6 +7,9 @@ One concern per module, imported in one direction only (a test checks it):
     cnn         the torch network SoundEventCnn and its scorers (imports spec, scoring)
     checkpoint  save/load the self-describing .pt checkpoint (imports spec, cnn)
     onnx        export to .onnx and the ONNX Runtime model (imports spec, scoring; torch only to export)
+    mn          EfficientAT's MobileNetV3 audio tagger (mn04) and its input features
+    confirm     the cascade's second stage: mn04 + a head, loaded from the checkpoint's "confirm" section
+    cascade     per-stream cascade bookkeeping between stage-1 scores and the confirmer (no torch)
 
 The analyzers and the service see a loaded model only through `ScoringModel`, so another
 network plugs in as one more module here plus a branch in `load_model`. This file imports only
@@ -19,6 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from earshot.model.cascade import CascadeState
 from earshot.model.scoring import MultiScorer, ScoringModel, SingleScorer
 from earshot.model.spec import CheckpointError, CnnDims, default_model_path, macs_per_frame, validate_labels
 
@@ -50,6 +54,7 @@ def load_model(path: str | Path, frontend: FrontendParams | None = None, threads
 
 
 __all__ = [
+    "CascadeState",
     "CheckpointError",
     "CnnDims",
     "MultiScorer",
