@@ -25,7 +25,8 @@ from earshot.model import CheckpointError  # noqa: E402
 from earshot.model.cascade import CascadeState  # noqa: E402
 from earshot.model.checkpoint import load_checkpoint  # noqa: E402
 from earshot.model.confirm import ConfirmError, ConfirmHead, Confirmer, from_dict  # noqa: E402
-from earshot.model.mn import MnFeatures, MobileNetTagger, kaldi_mel_banks, macs_per_second  # noqa: E402
+from earshot.model.mn import MobileNetTagger, macs_per_second  # noqa: E402
+from earshot.model.mnfeatures import MnFeatures, kaldi_mel_banks  # noqa: E402
 from earshot.offline import detect_samples  # noqa: E402
 
 LABELS = ["alarm", "glass_break", "gunshot"]
@@ -216,3 +217,55 @@ def test_train_confirm_cli_trains_a_head_and_writes_a_loadable_cascade(tiny_chec
     assert loaded.confirmer is not None
     assert loaded.confirmer.triggers == {label: 0.05 for label in LABELS}
     assert loaded.provenance["confirm"]["windows"] == len(cached["x"])
+
+
+def test_onnx_export_carries_the_confirmer_and_scores_as_torch_does(tiny_checkpoint, tmp_path):
+    """export-onnx writes <stem>.confirm.onnx beside the model; load_onnx runs the same cascade without torch;
+    a missing or altered confirmer file is one clear error, never a silent stage-1-only detector."""
+    from earshot import synth
+    from earshot.model import load_model
+    from earshot.model.onnx import export_onnx
+
+    pt, onx = tmp_path / "cascade.pt", tmp_path / "cascade.onnx"
+    attach_confirmer(str(tiny_checkpoint), str(pt), _confirmer(trigger=0.05), {})
+    torch_model = load_checkpoint(pt)
+    export_onnx(torch_model, onx)
+    side = tmp_path / "cascade.confirm.onnx"
+    assert side.is_file()
+    onnx_model = load_model(onx)
+    assert onnx_model.confirmer is not None and onnx_model.confirmer.triggers == torch_model.confirmer.triggers
+    scene, _ = synth.scene(16000, 10.0, np.random.default_rng(3))
+    a, b = [], []
+    detect_samples(scene.astype(np.float32), torch_model, hops=a)
+    detect_samples(scene.astype(np.float32), onnx_model, hops=b)
+    assert onnx_model.confirmer.calls > 0
+    np.testing.assert_allclose(np.stack([h.scores for h in a]), np.stack([h.scores for h in b]), atol=2e-3)
+    side.write_bytes(side.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="SHA-256") as info:
+        load_model(onx)
+    assert "\n" not in str(info.value)
+    side.unlink()
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_model(onx)
+
+
+def test_calibration_picks_the_lowest_trigger_within_the_confirmer_budget(tiny_checkpoint, tmp_path):
+    """choose_trigger counts confirmer calls per hour from stage 1's hops alone, for every candidate trigger;
+    the chosen one is the lowest within the budget, and a lower trigger never calls less."""
+    from earshot import synth
+
+    out = tmp_path / "cascade.pt"
+    attach_confirmer(str(tiny_checkpoint), str(out), _confirmer(), {})
+    loaded = load_checkpoint(out)
+    rng = np.random.default_rng(4)
+    negs = [(data.Clip(f"n{i}", "negative", "", "s", f"n{i}", 6.0), synth.scene(16000, 6.0, rng)[0].astype(np.float32))
+            for i in range(6)]
+    _, rates = evaluate.choose_trigger([negs], loaded, 0, 1e9)
+    values = [rates[t] for t in evaluate.TRIGGER_GRID]
+    assert values == sorted(values, reverse=True) and values[0] > 0
+    budget = (values[0] + values[-1]) / 2
+    trig, _ = evaluate.choose_trigger([negs], loaded, 0, budget)
+    assert rates[trig] <= budget
+    lower = [t for t in evaluate.TRIGGER_GRID if t < trig]
+    assert all(rates[t] > budget for t in lower)
+    assert loaded.confirmer.calls == 0  # counting never runs the confirmer

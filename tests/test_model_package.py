@@ -31,15 +31,17 @@ TOP: dict[str, set[str]] = {
     "cnn": {"spec", "scoring"},
     "checkpoint": {"spec", "scoring", "cnn", "confirm"},
     "onnx": {"spec", "scoring"},
-    "mn": set(),
-    "confirm": {"mn"},
+    "mn": {"mnfeatures"},
+    "confirm": {"mn", "mnfeatures"},
     "cascade": set(),
+    "mnfeatures": set(),
+    "confirm_onnx": {"mnfeatures", "spec"},
 }
 LAZY: dict[str, set[str]] = {
     "__init__": {"checkpoint", "onnx"},
-    "onnx": {"cnn", "checkpoint"},
+    "onnx": {"cnn", "checkpoint", "confirm_onnx"},
 }
-TORCH_FREE = ("__init__", "spec", "scoring", "onnx", "cascade")
+TORCH_FREE = ("__init__", "spec", "scoring", "onnx", "cascade", "mnfeatures", "confirm_onnx")
 
 
 def _module_name(path: Path) -> str:

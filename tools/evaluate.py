@@ -460,10 +460,56 @@ def source_halves(heldout: Sequence[data.Clip]) -> dict[str, str]:
     return halves
 
 
-def calibrate_negatives(neg_sets: Sequence[Sequence[tuple[data.Clip, np.ndarray]]], loaded, seed: int, target: float
-                        ) -> tuple[dict[str, float], dict]:
-    """Per class, the lowest grid threshold whose false alarms/hour is within `target` on EVERY set of
-    negatives (long streams at recorded levels); no positives are needed, so none are used."""
+TRIGGER_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
+"""Candidate stage-1 triggers of a cascade (the same for every class)."""
+
+
+class _CallCounter:
+    """Stands in for a confirmer to count how often a trigger would call it (calls depend only on stage 1)."""
+
+    def __init__(self, trigger: float, reuse_hops: int, n: int):
+        self.trigger_array = np.full(n, trigger, dtype=np.float32)
+        self.reuse_hops, self.labels, self.calls = reuse_hops, list(range(n)), 0
+
+    def score(self, window) -> np.ndarray:
+        self.calls += 1
+        return np.zeros(len(self.labels), dtype=np.float32)
+
+
+def choose_trigger(neg_sets, loaded, seed: int, max_calls_per_hour: float) -> tuple[float, dict[float, float]]:
+    """The lowest TRIGGER_GRID value whose confirmer calls per hour on the negatives (the most of the sets)
+    stay within `max_calls_per_hour`, which bounds the cascade's CPU cost; (trigger, calls/hour by trigger)."""
+    from dataclasses import replace
+
+    from earshot.model import CascadeState
+
+    plain = replace(loaded, confirmer=None)
+    runs = []
+    for negs in neg_sets:
+        fa_s, _ = fa_streams(negs, seed)
+        _, hops = run_streams(fa_s, plain, keep_hops=True)
+        runs.append(([np.stack([h.scores for h in hs]) for hs in hops if hs],
+                     sum(len(x) for x in fa_s) / loaded.frontend.sample_rate / 3600))
+    rates = {}
+    for trig in TRIGGER_GRID:
+        per_set = []
+        for streams, hours in runs:
+            counter = _CallCounter(trig, loaded.confirmer.reuse_hops, len(loaded.labels))
+            for scores in streams:
+                state = CascadeState(counter)
+                for row in scores:
+                    state.apply(row, lambda: None)
+            per_set.append(counter.calls / hours)
+        rates[trig] = max(per_set)
+    ok = [t for t in TRIGGER_GRID if rates[t] <= max_calls_per_hour]
+    return (ok[0] if ok else TRIGGER_GRID[-1]), rates
+
+
+def calibrate_negatives(neg_sets: Sequence[Sequence[tuple[data.Clip, np.ndarray]]], loaded, seed: int, target: float,
+                        min_threshold: float = 0.0) -> tuple[dict[str, float], dict]:
+    """Per class, the lowest grid threshold (at least `min_threshold`) whose false alarms/hour is within
+    `target` on EVERY set of negatives (long streams at recorded levels); no positives are needed, so
+    none are used."""
     labels = list(loaded.labels)
     runs = []
     for negs in neg_sets:
@@ -471,7 +517,7 @@ def calibrate_negatives(neg_sets: Sequence[Sequence[tuple[data.Clip, np.ndarray]
         _, hops = run_streams(fa_s, loaded, keep_hops=True)
         runs.append((hops, sum(len(x) for x in fa_s) / loaded.frontend.sample_rate / 3600))
     table: dict[str, list[dict]] = {label: [] for label in labels}
-    for t in THRESHOLD_GRID:
+    for t in (t for t in THRESHOLD_GRID if t >= min_threshold):
         th = {label: float(t) for label in labels}
         rates = []
         for hops, hours in runs:
@@ -603,7 +649,7 @@ def _plain(obj):
 
 def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     """Calibrate (optionally) and evaluate one checkpoint on the chosen split; returns the result dict."""
-    from earshot.model.checkpoint import load_checkpoint, save_checkpoint
+    from earshot.model.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(path)
     labels = list(loaded.labels)
@@ -624,7 +670,16 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
         if args.calibrate:
             cal_negs = [(c, x) for c, x in heldout if c.label == data.NEGATIVE and halves[c.group] == "cal"]
             gval_negs = [(c, x) for c, x in gval if c.label == data.NEGATIVE]
-            thresholds, info = calibrate_negatives([cal_negs, gval_negs], loaded, args.seed, args.target_fa_per_hour)
+            min_threshold = 0.0
+            if loaded.confirmer is not None:  # below its trigger stage 1 alone would decide: keep thresholds above it
+                trig, rates = choose_trigger([cal_negs, gval_negs], loaded, args.seed, args.max_confirm_per_hour)
+                loaded.confirmer.set_triggers({label: trig for label in labels})
+                min_threshold = trig
+                result["trigger"] = {"chosen": trig, "confirmer_calls_per_hour": rates,
+                                     "max_calls_per_hour": args.max_confirm_per_hour}
+                log.info("cascade trigger %.2f (confirmer calls/hour by trigger: %s)", trig, rates)
+            thresholds, info = calibrate_negatives([cal_negs, gval_negs], loaded, args.seed, args.target_fa_per_hour,
+                                                   min_threshold)
             _save_thresholds(path, loaded, thresholds, info, args, result,
                              "lowest threshold with FA/h <= target on both the calibration third of the held-out-source "
                              "negatives and the group-validation negatives of the training sources")
@@ -649,7 +704,6 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     log.info("%s: evaluating on %s: %d events, %d negatives", path, result["reported_on"], len(events), len(negatives))
     mix = build_mixtures(events, negatives, args.seed)
     est_by_ebr = {}
-    calls0 = loaded.confirmer.calls if loaded.confirmer is not None else 0
     for ebr, streams in mix.streams.items():
         est_by_ebr[ebr], _ = run_streams(streams, loaded)
     result["mixtures"] = mixture_report(mix, est_by_ebr, labels)
@@ -663,7 +717,6 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     result["false_alarms"] = fa_report(fa_est, fa_s, fa_spans, labels)
     if loaded.confirmer is not None:
         result["confirmer_calls_per_hour_on_negatives"] = (loaded.confirmer.calls - calls1) / result["false_alarms"]["hours"]
-        del calls0
     result["markdown"] = markdown(result, labels)
     return result
 
@@ -717,6 +770,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated held-out sources (default: data.HELDOUT_SOURCES, as tools/train.py holds out)")
     ap.add_argument("--calibrate", action="store_true", help="choose per-class thresholds and re-save the checkpoint(s)")
     ap.add_argument("--target-fa-per-hour", type=float, default=1.0, help="false alarms per hour per class to calibrate for")
+    ap.add_argument("--max-confirm-per-hour", type=float, default=1200.0,
+                    help="cascade: the lowest stage-1 trigger whose confirmer calls/hour on the calibration negatives "
+                         "stay within this is chosen (bounds the CPU cost)")
     ap.add_argument("--json", default=None, help="write all results here")
     ap.add_argument("--seed", type=int, default=0, help="seed of the stream layout")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")

@@ -30,6 +30,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from datetime import datetime, timezone  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -51,7 +52,8 @@ class TaggerEmbedder:
     def __init__(self, pretrained: str, threads: int = 1):
         import torch
 
-        from earshot.model.mn import MnFeatures, MobileNetTagger
+        from earshot.model.mn import MobileNetTagger
+        from earshot.model.mnfeatures import MnFeatures
 
         torch.set_num_threads(threads)
         self.net = MobileNetTagger()

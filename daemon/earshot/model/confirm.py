@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .mn import MnDims, MnFeatures, MobileNetTagger
+from .mn import MnDims, MobileNetTagger
+from .mnfeatures import MnFeatures
 
 CONFIRM_VERSION = 1
 
@@ -70,6 +71,13 @@ class Confirmer:
         self.features = MnFeatures()
         self.trigger_array = np.array([self.triggers[label] for label in self.labels], dtype=np.float32)
         self.calls = 0
+
+    def set_triggers(self, triggers: dict[str, float]) -> None:
+        """New per-class triggers (each in (0, 1)), e.g. chosen by calibration for a CPU budget."""
+        if set(triggers) != set(self.labels) or not all(0.0 < float(v) < 1.0 for v in triggers.values()):
+            raise ValueError(f"triggers must give each of {self.labels} a value in (0, 1)")
+        self.triggers = {k: float(v) for k, v in triggers.items()}
+        self.trigger_array = np.array([self.triggers[label] for label in self.labels], dtype=np.float32)
 
     def score(self, window: np.ndarray) -> np.ndarray:
         """Probabilities (C,) for one window of 16 kHz audio (any length >= 0.1 s)."""

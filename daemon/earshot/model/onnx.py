@@ -57,7 +57,7 @@ def _ort():  # noqa: ANN202 - the module, imported lazily so the extra stays opt
 # Export (torch + onnx)
 
 
-def _graph(loaded: Any) -> Any:
+def _graph(loaded: Any, confirm: dict[str, Any] | None = None) -> Any:
     """Build the streaming-step ONNX model (onnx.ModelProto) of a torch LoadedModel's network."""
     import onnx
     import torch
@@ -138,6 +138,8 @@ def _graph(loaded: Any) -> Any:
         "thresholds": dict(loaded.thresholds),
         "provenance": loaded.provenance,
     }
+    if confirm is not None:
+        meta["confirm"] = confirm
     helper.set_model_props(proto, {META_KEY: json.dumps(meta)})
     onnx.checker.check_model(proto)
     return proto
@@ -149,9 +151,14 @@ def export_onnx(loaded: Any, path: str | Path) -> Path:
     Checks before replacing the file that ONNX Runtime reproduces the torch per-frame outputs on
     random frames within `EXPORT_TOLERANCE` (raises CheckpointError otherwise).
     """
-    proto = _graph(loaded)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    confirm = None
+    if getattr(loaded, "confirmer", None) is not None:  # the cascade's second stage, beside it
+        from earshot.model.confirm_onnx import export_confirmer
+
+        confirm = export_confirmer(loaded.confirmer, path)
+    proto = _graph(loaded, confirm)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(proto.SerializeToString())
     try:
@@ -200,6 +207,8 @@ class OnnxModel:
     """Training metadata copied from the checkpoint."""
     session: Any = field(default=None, repr=False, compare=False)
     """The onnxruntime.InferenceSession; its run() is thread-safe, so scorers may share it."""
+    confirmer: Any = field(default=None, repr=False, compare=False)
+    """The cascade's second stage (earshot.model.confirm_onnx.OnnxConfirmer), when exported with one."""
 
     @property
     def backend(self) -> str:
@@ -284,7 +293,12 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
         ]
         raise CheckpointError(f"{path} does not match the runtime frontend: " + "; ".join(diffs))
     _LOGGER.debug("loaded %s with onnxruntime %s: labels=%s dims=%s", path, ort.__version__, labels, dims)
-    return OnnxModel(path, dims, tuple(labels), saved_frontend, thresholds, provenance, session)
+    confirmer = None
+    if "confirm" in meta:
+        from earshot.model.confirm_onnx import load_confirmer
+
+        confirmer = load_confirmer(meta["confirm"], path, labels, threads)
+    return OnnxModel(path, dims, tuple(labels), saved_frontend, thresholds, provenance, session, confirmer)
 
 
 def main(argv: list[str] | None = None) -> int:
