@@ -237,6 +237,26 @@ def test_refuses_tampered_checkpoint(model: SoundEventCnn, tmp_path: Path, chang
         load_checkpoint(bad)
 
 
+def test_optional_sections_round_trip(model: SoundEventCnn, tmp_path: Path) -> None:
+    """Named extra sections (e.g. a second-stage network) survive a round trip; a plain file has none.
+
+    A checkpoint without sections does not even carry the key, so earshots that predate it read it.
+    """
+    plain = tmp_path / "plain.pt"
+    _save(plain, model)
+    assert "sections" not in torch.load(plain, weights_only=True)
+    assert load_checkpoint(plain).sections == {}
+    extra = {"confirm": {"state_dict": {"w": torch.arange(6.0).view(2, 3)}, "threshold": 0.5, "name": "x"}}
+    rich = tmp_path / "rich.pt"
+    save_checkpoint(rich, model, LABELS, FrontendParams(), THRESHOLDS, {}, sections=extra)
+    got = load_checkpoint(rich).sections
+    assert set(got) == {"confirm"} and got["confirm"]["threshold"] == 0.5
+    assert torch.equal(got["confirm"]["state_dict"]["w"], extra["confirm"]["state_dict"]["w"])
+    bad = _tamper(plain, tmp_path / "bad.pt", lambda c: c.__setitem__("sections", [1, 2]))
+    with pytest.raises(CheckpointError, match="'sections' has type list"):
+        load_checkpoint(bad)
+
+
 def test_frontend_mismatch_names_every_parameter(model: SoundEventCnn, tmp_path: Path) -> None:
     """A runtime frontend that differs is refused, naming each differing parameter and both values."""
     path = tmp_path / "m.pt"

@@ -147,8 +147,10 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
+    loaded = _load_model(config)  # a model `run` would refuse is refused here first, with the same line
     sources = ", ".join(f"{s.name} ({s.kind})" for s in config.active_sources)
-    print(f"{args.file}: OK; node {config.node}; sources: {sources}")
+    print(f"{args.file}: OK; node {config.node}; sources: {sources}; "
+          f"model {loaded.provenance.get('name', 'earshot')} ({loaded.backend}): {', '.join(loaded.labels)}")
     return 0
 
 

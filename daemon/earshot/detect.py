@@ -172,7 +172,7 @@ class Detector:
             elif t - tr.last_t >= rule.hold_s - _EPS_S:
                 return self._end(label, tr)
             return None
-        if score < rule.threshold:
+        if not score >= rule.threshold:  # written so that a NaN score never passes
             tr.state, tr.count = _State.IDLE, 0
             # Scores usually rise over a few hops as a sound fills the window; remember where the
             # rise began so the onset is not reported late.

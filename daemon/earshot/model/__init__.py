@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from earshot.model.cascade import CascadeState
 from earshot.model.scoring import MultiScorer, ScoringModel, SingleScorer
 from earshot.model.spec import CheckpointError, CnnDims, default_model_path, macs_per_frame, validate_labels
@@ -34,13 +36,14 @@ def load_model(path: str | Path, frontend: FrontendParams | None = None, threads
     """Load a model file by extension: `.onnx` -> ONNX Runtime (no torch), anything else -> torch checkpoint.
 
     `threads` is the intra-op thread count of the backend (torch.set_num_threads for torch, a
-    session option for ONNX Runtime). Raises CheckpointError (one clear line) on anything wrong.
+    session option for ONNX Runtime). Raises CheckpointError (one clear line) on anything wrong,
+    including a model that scores NaN: whatever passes here scores the first hop as it will the rest.
     """
     path = Path(path)
     if path.suffix.lower() == ".onnx":
         from earshot.model.onnx import load_onnx
 
-        return load_onnx(path, frontend=frontend, threads=threads)
+        return check_scores(load_onnx(path, frontend=frontend, threads=threads), path)
     try:
         import torch
     except ImportError as exc:  # an ONNX-only install
@@ -50,7 +53,27 @@ def load_model(path: str | Path, frontend: FrontendParams | None = None, threads
     from earshot.model.checkpoint import load_checkpoint
 
     torch.set_num_threads(threads)
-    return load_checkpoint(path, frontend=frontend)
+    return check_scores(load_checkpoint(path, frontend=frontend), path)
+
+
+def check_scores(model: ScoringModel, path: Path) -> ScoringModel:
+    """`model`, once one window of random frames gives one probability in [0, 1] per label; else CheckpointError.
+
+    Backend-neutral (any network behind `ScoringModel`), and cheap: one window, a few ms.
+    """
+    p = model.frontend
+    feats = np.random.default_rng(0).standard_normal((p.chunk_frames, p.n_mels)).astype(np.float32)
+    try:
+        _, scores = model.score_windows(feats, p.chunk_frames, max(1, p.chunk_frames // 10))
+    except ValueError as exc:  # a window shorter than the network's receptive field, a frame-size mismatch
+        raise CheckpointError(f"bad model {path}: it cannot score its own frontend's window: {exc}") from exc
+    scores = np.asarray(scores)
+    if scores.shape != (1, len(model.labels)):
+        raise CheckpointError(f"bad model {path}: one window gave scores of shape {scores.shape}, "
+                              f"expected (1, {len(model.labels)}) for labels {list(model.labels)}")
+    if not (np.isfinite(scores).all() and ((scores >= 0) & (scores <= 1)).all()):
+        raise CheckpointError(f"bad model {path}: it gives NaN or out-of-range scores ({scores[0].tolist()})")
+    return model
 
 
 __all__ = [
@@ -60,6 +83,7 @@ __all__ = [
     "MultiScorer",
     "ScoringModel",
     "SingleScorer",
+    "check_scores",
     "default_model_path",
     "load_model",
     "macs_per_frame",

@@ -9,7 +9,7 @@ Room to grow: an optional `sections` entry (a dict of named sections, each plain
 tensors) carries parts that not every model has, such as a second-stage network. A checkpoint
 without it loads with `sections == {}`, and `save_checkpoint` writes the key only when there is a
 section, so a plain checkpoint stays readable by earshots that predate it. Each section is checked
-by the module that uses it; this one checks only that it holds safe, finite plain data.
+by the module that uses it; this one checks only that it is a dict (weights_only keeps it safe).
 
 Top of the torch side of the model package: imports `spec` and `cnn` (which imports `scoring`).
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from earshot.features import FrontendParams
 from earshot.model.cnn import MultiStreamScorer, SoundEventCnn, StreamingScorer, score_windows
 from earshot.model.confirm import ConfirmError, from_dict
-from earshot.model.spec import CheckpointError, CnnDims, validate_labels
+from earshot.model.spec import CheckpointError, CnnDims, one_line, read_model_head, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -40,6 +41,9 @@ _CHECKPOINT_KEYS = ("format", "version", "labels", "frontend", "dims", "threshol
 _OPTIONAL_KEYS = ("sections", "confirm")
 """Keys a checkpoint may leave out; a loader treats an absent one as empty. "confirm" holds the cascade's
 second stage (earshot.model.confirm), loaded as strictly as the network."""
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6
+_PICKLE_MAGIC = b"\x80"  # torch's legacy format: a pickle (protocol 2 or later)
+_ONNX_START = b"\x08"  # an ONNX ModelProto starts with its ir_version field
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,23 @@ def _expect(ckpt: dict[str, Any], key: str, kind: type | tuple[type, ...], path:
     return value
 
 
+def _torch_reason(exc: BaseException) -> str:
+    """The line of a torch.load error that says what is wrong, without torch's advice around it."""
+    boiler = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [x.strip() for x in str(exc).splitlines() if x.strip() and not x.strip().startswith(boiler)]
+    text = " ".join(lines).replace("WeightsUnpickler error:", "").strip()
+    return one_line(ValueError(text.split(". ")[0])) if text else type(exc).__name__
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse NaN or infinite weights and negative BatchNorm variances: either makes every score NaN."""
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"bad checkpoint {path}: weight {key} holds NaN or infinite values")
+        if key.endswith("running_var") and bool((value < 0).any()):
+            raise CheckpointError(f"bad checkpoint {path}: {key} holds a negative variance")
+
+
 def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) -> LoadedModel:
     """Load and validate a checkpoint; the model is returned in eval mode on CPU.
 
@@ -143,16 +164,24 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
     that the checkpoint was trained with the same frontend parameters.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}; set [model] path or reinstall earshot")
+    head = read_model_head(path, "earshot checkpoint")  # missing, empty, a folder, a WAV, a text...
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
+        hint = "; an ONNX model needs the .onnx extension" if head.startswith(_ONNX_START) else ""
+        raise CheckpointError(f"{path} is not an earshot checkpoint (not a file torch.save writes{hint})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        unsafe = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", str(exc), re.IGNORECASE)
+        if unsafe:
+            raise CheckpointError(
+                f"{path} is not a safe earshot checkpoint: it asks to run {unsafe.group(1)} "
+                "(refusing to execute code from it)"
+            ) from exc
+        raise CheckpointError(f"{path} is not a readable earshot checkpoint (corrupt?): {_torch_reason(exc)}") from exc
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as exc:
         raise CheckpointError(
-            f"{path} is not a safe earshot checkpoint (refusing to execute code from it)"
+            f"{path} is not a readable earshot checkpoint (corrupt or truncated?): {_torch_reason(exc)}"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        raise CheckpointError(f"{path} is not a readable earshot checkpoint (corrupt or truncated?): {exc}") from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not an earshot checkpoint (format is not '{CHECKPOINT_FORMAT}')")
     if ckpt.get("version") != CHECKPOINT_VERSION:
@@ -202,6 +231,7 @@ def load_checkpoint(path: str | Path, frontend: FrontendParams | None = None) ->
             f"bad checkpoint {path}: state_dict does not match dims: "
             f"missing keys {missing_keys}, unexpected keys {unexpected_keys}"
         )
+    _check_finite(state_dict, path)
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:  # shape mismatches; flatten torch's multi-line message

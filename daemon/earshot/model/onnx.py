@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from earshot.features import FrontendParams
 from earshot.model.scoring import SingleStepScorer, StepScorer, cache_shapes, step_score_windows
-from earshot.model.spec import CheckpointError, CnnDims, validate_labels
+from earshot.model.spec import CheckpointError, CnnDims, one_line, read_model_head, validate_labels
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def export_onnx(loaded: Any, path: str | Path) -> Path:
     random frames within `EXPORT_TOLERANCE` (raises CheckpointError otherwise).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_output_path(path)
     confirm = None
     if getattr(loaded, "confirmer", None) is not None:  # the cascade's second stage, beside it
         from earshot.model.confirm_onnx import export_confirmer
@@ -160,7 +160,11 @@ def export_onnx(loaded: Any, path: str | Path) -> Path:
         confirm = export_confirmer(loaded.confirmer, path)
     proto = _graph(loaded, confirm)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(proto.SerializeToString())
+    try:
+        tmp.write_bytes(proto.SerializeToString())
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
         onnx_model = load_onnx(tmp)
         _check_against_torch(loaded, onnx_model)
@@ -169,6 +173,16 @@ def export_onnx(loaded: Any, path: str | Path) -> Path:
         raise
     tmp.replace(path)  # atomic: a running daemon never sees a half-written file
     return path
+
+
+def check_output_path(path: Path) -> None:
+    """Refuse (one line) an output that is a folder, lacks the .onnx extension or whose folder is missing."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give the .onnx file to write")
+    if path.suffix.lower() != ".onnx":
+        raise CheckpointError(f"{path} must end in .onnx (earshot picks the runtime by the extension)")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"cannot write {path}: folder {path.parent} does not exist")
 
 
 def _check_against_torch(loaded: Any, onnx_model: OnnxModel) -> None:
@@ -244,8 +258,10 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
     another frontend.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"model file not found: {path}; set [model] path or reinstall earshot")
+    head = read_model_head(path, "earshot ONNX model")  # missing, empty, a folder, a WAV, a text...
+    if head.startswith((b"PK\x03\x04", b"\x80")):
+        raise CheckpointError(f"{path} is not an ONNX model (it looks like a torch checkpoint: name it .pt, "
+                              "or convert it with earshot export-onnx)")
     ort = _ort()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, int(threads))
@@ -274,16 +290,17 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
         labels = [str(x) for x in meta["labels"]]
         thresholds = {str(k): v for k, v in dict(meta["thresholds"]).items()}
         provenance = dict(meta.get("provenance", {}))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise CheckpointError(f"bad earshot ONNX model {path}: {exc}") from exc
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"bad earshot ONNX model {path}: {one_line(exc)}") from exc
     try:
         validate_labels(labels, thresholds, dims)
     except CheckpointError as exc:
         raise CheckpointError(f"bad earshot ONNX model {path}: {exc}") from exc
-    names = {i.name for i in session.get_inputs()}
-    want = {"frames"} | {f"cache_{i}" for i in range(len(dims.channels))}
-    if names != want:
-        raise CheckpointError(f"bad earshot ONNX model {path}: inputs {sorted(names)}, expected {sorted(want)}")
+    if dims.n_mels != saved_frontend.n_mels:
+        raise CheckpointError(
+            f"bad earshot ONNX model {path}: model expects n_mels={dims.n_mels}, frontend has {saved_frontend.n_mels}"
+        )
+    _check_graph(session, dims, path)
     if frontend is not None and frontend != saved_frontend:
         diffs = [
             f"model was trained with {f.name}={getattr(saved_frontend, f.name)!r}, "
@@ -292,13 +309,78 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
             if getattr(saved_frontend, f.name) != getattr(frontend, f.name)
         ]
         raise CheckpointError(f"{path} does not match the runtime frontend: " + "; ".join(diffs))
+    model = OnnxModel(path, dims, tuple(labels), saved_frontend, thresholds, provenance, session)
+    _probe(model)
     _LOGGER.debug("loaded %s with onnxruntime %s: labels=%s dims=%s", path, ort.__version__, labels, dims)
-    confirmer = None
     if "confirm" in meta:
         from earshot.model.confirm_onnx import load_confirmer
 
-        confirmer = load_confirmer(meta["confirm"], path, labels, threads)
-    return OnnxModel(path, dims, tuple(labels), saved_frontend, thresholds, provenance, session, confirmer)
+        model = replace(model, confirmer=load_confirmer(meta["confirm"], path, labels, threads))
+    return model
+
+
+def _io_shapes(dims: CnnDims) -> tuple[dict[str, tuple], dict[str, tuple]]:
+    """Input and output shapes (None: any size) the metadata's dims imply, in the graph's order."""
+    shapes = cache_shapes(dims)
+    inputs = {"frames": (None, None, dims.n_mels), **{f"cache_{i}": (None, *s) for i, s in enumerate(shapes)}}
+    outputs = {"rows": (None, None, 2 * dims.n_classes),
+               **{f"cache_{i}_out": (None, *s) for i, s in enumerate(shapes)}}
+    return inputs, outputs
+
+
+def _fmt(shape: Any) -> str:
+    """(batch, n, 64): a shape with its free sizes named."""
+    if shape is None:
+        return "unknown"
+    names = [d if isinstance(d, (int, str)) and d != "" else ("batch", "n")[i] if i < 2 else "?"
+             for i, d in enumerate(shape)]
+    return "(" + ", ".join(map(str, names)) + ")"
+
+
+def _check_graph(session: Any, dims: CnnDims, path: Path) -> None:
+    """Refuse a graph whose declared inputs or outputs disagree with the metadata (one line).
+
+    The metadata says n_mels, the classes and the layer caches; a graph built for other ones would
+    load and then fail (or score garbage) at the first hop, killing the worker.
+    """
+    want_in, want_out = _io_shapes(dims)
+    what = f"n_mels={dims.n_mels}, {dims.n_classes} classes, layer caches {[tuple(s) for s in cache_shapes(dims)]}"
+    for kind, args, want in (("input", session.get_inputs(), want_in), ("output", session.get_outputs(), want_out)):
+        got = [(a.name, a.shape) for a in args]
+        if [n for n, _ in got] != list(want):
+            raise CheckpointError(f"bad earshot ONNX model {path}: its graph's {kind}s are {[n for n, _ in got]}, "
+                                  f"its metadata ({len(dims.channels)} layers) implies {list(want)}")
+        for name, shape in got:
+            expect = want[name]
+            ok = shape is not None and len(shape) == len(expect) and all(
+                e is None or not isinstance(g, int) or g == e for g, e in zip(shape, expect))
+            if not ok:
+                raise CheckpointError(
+                    f"bad earshot ONNX model {path}: {kind} '{name}' has shape {_fmt(shape)} in the graph, "
+                    f"{_fmt(expect)} by its metadata ({what})"
+                )
+
+
+def _probe(model: OnnxModel) -> None:
+    """Run one step on random frames: it must give the shapes the metadata implies, and finite numbers."""
+    dims = model.dims
+    rng = np.random.default_rng(0)
+    n = dims.receptive_frames
+    x = rng.standard_normal((1, n, dims.n_mels)).astype(np.float32)
+    caches = [np.zeros((1, *s), np.float32) for s in cache_shapes(dims)]
+    try:
+        rows, new = model.step(x, caches)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Exception subclasses
+        raise CheckpointError(f"bad earshot ONNX model {model.path}: its graph fails on inputs of the shapes its "
+                              f"metadata declares: {one_line(exc)}") from exc
+    want = [(1, n, 2 * dims.n_classes)] + [(1, *s) for s in cache_shapes(dims)]
+    got = [tuple(np.shape(rows))] + [tuple(np.shape(c)) for c in new]
+    if got != want:
+        raise CheckpointError(f"bad earshot ONNX model {model.path}: its graph returns shapes {got}, "
+                              f"its metadata implies {want}")
+    if not all(np.isfinite(a).all() for a in (rows, *new)):
+        raise CheckpointError(f"bad earshot ONNX model {model.path}: its outputs hold NaN or infinite values "
+                              "(damaged weights?)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("output", type=Path, help="the .onnx file to write")
     args = ap.parse_args(argv)
     try:
+        check_output_path(args.output)  # before loading anything: a typo costs no time
         import onnx  # noqa: F401 - only to give a clear message if the extra is missing
 
         from earshot.model.checkpoint import load_checkpoint

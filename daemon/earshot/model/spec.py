@@ -16,6 +16,26 @@ from typing import Any
 import numpy as np
 
 
+MAX_VALUES = {
+    "n_mels": 512,
+    "channels": 1024,
+    "freq_strides": 8,
+    "time_kernels": 15,
+    "dilations": 512,
+    "freq_kernel": 15,
+    "embed_dim": 4096,
+    "n_classes": 1000,
+}
+"""Largest value of each CnnDims field: far above any network earshot would run, small enough that a
+checkpoint with absurd dims is refused before its network is built (no multi-GB allocation)."""
+MAX_LAYERS = 16
+"""Most conv layers a CnnDims may have."""
+MAX_RECEPTIVE_FRAMES = 2000
+"""Longest receptive field (frames, 20 s at 10 ms) a CnnDims may have."""
+MAX_PARAMETERS = 20_000_000
+"""Most numbers (weights and BatchNorm statistics) a network may hold: 80 MB of float32, 8x the budget."""
+
+
 @dataclass(frozen=True)
 class CnnDims:
     """Architecture of `SoundEventCnn`; stored in the checkpoint (tuples as lists)."""
@@ -60,6 +80,22 @@ class CnnDims:
             raise ValueError(f"CnnDims.freq_kernel must be odd, got {self.freq_kernel}")
         if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"CnnDims.dropout must be in [0, 1), got {self.dropout!r}")
+        self._check_bounds()
+
+    def _check_bounds(self) -> None:
+        """Refuse sizes no real network has (a tampered or damaged file) before anything is allocated."""
+        for name, top in MAX_VALUES.items():
+            value = getattr(self, name)
+            if (max(value) if isinstance(value, tuple) else value) > top:
+                raise ValueError(f"CnnDims.{name} must be at most {top}, got {value!r}")
+        if len(self.channels) > MAX_LAYERS:
+            raise ValueError(f"CnnDims may have at most {MAX_LAYERS} layers, got {len(self.channels)}")
+        if self.receptive_frames > MAX_RECEPTIVE_FRAMES:
+            raise ValueError(
+                f"CnnDims receptive field must be at most {MAX_RECEPTIVE_FRAMES} frames, got {self.receptive_frames}"
+            )
+        if self.n_parameters > MAX_PARAMETERS:
+            raise ValueError(f"CnnDims describes {self.n_parameters:,} parameters, at most {MAX_PARAMETERS:,} allowed")
 
     @property
     def receptive_frames(self) -> int:
@@ -74,6 +110,17 @@ class CnnDims:
         for s in self.freq_strides:
             sizes.append((sizes[-1] + 2 * pad - self.freq_kernel) // s + 1)
         return tuple(sizes)
+
+    @property
+    def n_parameters(self) -> int:
+        """Numbers in the network's state dict: weights, biases and BatchNorm statistics."""
+        n = 4 * self.n_mels  # input BatchNorm: weight, bias, running mean and variance
+        cin = 1
+        for cout, k in zip(self.channels, self.time_kernels):
+            n += cin * cout * self.freq_kernel * k + 4 * cout
+            cin = cout
+        n += self.flat_dim * self.embed_dim + 4 * self.embed_dim
+        return n + 2 * (self.embed_dim * self.n_classes + self.n_classes)
 
     @property
     def flat_dim(self) -> int:
@@ -157,12 +204,91 @@ def default_model_path() -> Path:
     return candidates[0]
 
 
+# ------------------------------------------------------------------------------------------
+# What a file that is not a model looks like (for one clear error line)
+
+_FOREIGN_MAGIC = (
+    (0, b"RIFF", "a WAV file"),
+    (0, b"RIFX", "a WAV file"),
+    (0, b"RF64", "a WAV file"),
+    (0, b"fLaC", "a FLAC file"),
+    (0, b"OggS", "an Ogg audio file"),
+    (0, b"ID3", "an MP3 file"),
+    (0, b"\xff\xfb", "an MP3 file"),
+    (0, b"\xff\xf3", "an MP3 file"),
+    (0, b"\xff\xf2", "an MP3 file"),
+    (0, b"FORM", "an AIFF file"),
+    (4, b"ftyp", "an MP4/M4A file"),
+    (0, b"\x1a\x45\xdf\xa3", "a WebM/Matroska file"),
+    (0, b"\x89PNG", "a PNG image"),
+    (0, b"\xff\xd8\xff", "a JPEG image"),
+    (0, b"%PDF", "a PDF document"),
+    (0, b"\x1f\x8b", "a gzip file"),
+    (0, b"\x7fELF", "a program (ELF executable)"),
+    (0, b"SQLite format 3\x00", "an SQLite database"),
+)
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """True if `head` (the start of a file) is printable UTF-8 text."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return False
+        text = head[: exc.start].decode("utf-8")
+    text = text.removeprefix("\ufeff")
+    return bool(text) and all(c.isprintable() or c in "\t\r\n\f" for c in text)
+
+
+def foreign_kind(head: bytes) -> str | None:
+    """What the start of a file says it is when it is plainly not a model ('a WAV file'), else None."""
+    for offset, magic, kind in _FOREIGN_MAGIC:
+        if head[offset: offset + len(magic)] == magic:
+            return kind
+    if _looks_like_text(head):
+        return "a text file"
+    return None
+
+
+def read_model_head(path: Path, what: str, n: int = 512) -> bytes:
+    """The first `n` bytes of a model file, or CheckpointError (one line) if it is missing, empty,
+    a folder, unreadable, or plainly some other kind of file. `what` names the expected kind
+    ('earshot checkpoint', 'earshot ONNX model')."""
+    if not path.exists():
+        raise CheckpointError(f"model file not found: {path}; set [model] path or reinstall earshot")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not an {what}")
+    try:
+        with path.open("rb") as f:
+            head = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not head:
+        raise CheckpointError(f"{path} is empty, not an {what} (an interrupted copy?)")
+    kind = foreign_kind(head)
+    if kind is not None:
+        raise CheckpointError(f"{path} is not an {what} (it looks like {kind})")
+    return head
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line (at most `limit` characters), or its type if it has none."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 __all__ = [
     "CheckpointError",
     "CnnDims",
     "check_features",
     "default_model_path",
+    "foreign_kind",
     "macs_per_frame",
     "no_windows",
+    "one_line",
+    "read_model_head",
     "validate_labels",
 ]
