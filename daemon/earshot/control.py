@@ -7,6 +7,12 @@ Topics (`<base>` = `<prefix>/<node>`):
 The current values are published retained on the same topics without `/set`, after each change
 and on every (re)connect. Invalid commands are logged and answered with the current value.
 
+Commands are applied only when they arrive live. A *retained* `/set` message (Home Assistant
+and scripts sometimes publish with retain by mistake) is delivered again on every (re)connect
+and would replay an old command over newer ones, e.g. switch a source off again after each
+broker restart; so a message flagged retained is logged once and ignored. (A retained command
+published while we are connected reaches us live, unflagged, and is applied once.)
+
 Changes are applied in the detection worker (`Worker.call_soon`), never from paho's thread, and
 saved as JSON (`<state_dir>/control.json`, written atomically) so they survive a restart; at start
 they are applied before the first hop is scored.
@@ -77,6 +83,7 @@ class Control:
         self._enabled: dict[str, bool] = {}
         self._thresholds: dict[str, dict[str, float]] = {}
         self._applied = False  # the worker has applied the persisted settings
+        self._ignored: set[tuple[str, bytes]] = set()  # retained commands already logged
         self._load()
         self.base = mqtt.base if mqtt is not None else ""
         if mqtt is not None:
@@ -148,7 +155,20 @@ class Control:
     def _parse_topic(self, topic: str) -> list[str]:
         return topic[len(self.base) + 1:].split("/")
 
+    def _replayed(self, topic: str, payload: bytes, retained: bool) -> bool:
+        """True (and logged once per topic and payload) for a retained command: never applied."""
+        if not retained:
+            return False
+        if (topic, payload) not in self._ignored:
+            self._ignored.add((topic, payload))
+            log.warning("control: ignoring the retained command %r on %s: commands apply only when sent "
+                        "live (publish them without retain); remove it with: mosquitto_pub -r -n -t '%s'",
+                        payload.decode("utf-8", "replace")[:40], topic, topic)
+        return True
+
     def _on_enabled_set(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._replayed(topic, payload, retained):
+            return
         source = self._parse_topic(topic)[0]
         if source not in self.sources:
             log.warning("control: no source %r (topic %s); ignored", source, topic)
@@ -167,6 +187,8 @@ class Control:
         self._apply_later(lambda: self._apply_source(source))
 
     def _on_threshold_set(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._replayed(topic, payload, retained):
+            return
         source, label = self._parse_topic(topic)[:2]
         if source not in self.sources or label not in self._configured:
             log.warning("control: no source %r or label %r (topic %s); ignored", source, label, topic)

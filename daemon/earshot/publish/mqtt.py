@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import ssl
 import threading
 import time
@@ -118,10 +117,8 @@ class MqttPublisher:
 
         self._cond = threading.Condition()
         path = Path(state_dir) / SPOOL_FILE if state_dir else None
-        try:
-            self._spool = Spool(path, config.queue_limit, int(float(config.spool_max_mb) * 1_000_000))
-        except (OSError, sqlite3.Error) as e:
-            raise PublishError(f"cannot open the MQTT spool {path}: {e}; check state_dir") from None
+        # A spool that cannot be opened (full state directory) starts in memory and retries the disk.
+        self._spool = Spool(path, config.queue_limit, int(float(config.spool_max_mb) * 1_000_000))
         self._sent: dict[int, _Sent] = {}  # mid -> message handed to paho, not yet acknowledged
         self._early_acks: dict[int, bool] = {}  # mid -> failed, for acks that came before the mid was recorded
         self._outstanding = 0  # QoS>0 messages handed to paho and not yet acknowledged
@@ -264,10 +261,15 @@ class MqttPublisher:
         """Hand spooled messages to paho, in order, while connected and the window has room."""
         while True:
             with self._cond:
-                while not self._stop_sender and not (self._ready and len(self._spool) and self._outstanding < _WINDOW):
-                    self._cond.wait()
-                if self._stop_sender:
-                    return
+                while True:
+                    if self._stop_sender:
+                        return
+                    # A spool that fell back to memory retries its disk from here (bounded waits).
+                    for old in self._spool.maintain():
+                        self._count_drop(old.kind)
+                    if self._ready and len(self._spool) and self._outstanding < _WINDOW:
+                        break
+                    self._cond.wait(self._spool.retry_in())
                 entry = self._spool.pop()
                 if self._qos > 0:
                     self._outstanding += 1
@@ -410,7 +412,8 @@ class MqttPublisher:
 
     def stats(self) -> dict[str, Any]:
         """Counters and state: `connected`, `published`, `dropped`, `dropped_other`, `queued`, `queued_bytes`,
-        `in_flight`, `spool_on_disk`."""
+        `in_flight`, `spool_on_disk`, `spool_in_memory` (1 while a refused disk spool runs in memory),
+        `spool_memory_seconds` (time spent so) and `spool_unsaved` (messages only memory holds)."""
         with self._cond:
             return {
                 "connected": self.connected,
@@ -421,6 +424,9 @@ class MqttPublisher:
                 "queued_bytes": self._spool.bytes,
                 "in_flight": self._outstanding,
                 "spool_on_disk": self._spool.on_disk,
+                "spool_in_memory": self._spool.in_memory,
+                "spool_memory_seconds": round(self._spool.memory_seconds, 3),
+                "spool_unsaved": self._spool.unsaved,
             }
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -438,6 +444,8 @@ class MqttPublisher:
             while (len(self._spool) or self._outstanding > 0) and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, min(0.1, deadline - time.monotonic())))
             left = len(self._spool) + self._outstanding
+            for old in self._spool.maintain(force=True):  # a last try of a refused disk
+                self._count_drop(old.kind)
             self._stop_sender = True
             self._cond.notify_all()
         if left:
