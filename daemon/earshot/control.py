@@ -33,6 +33,7 @@ import numpy as np
 from .analyzer import Hop
 from .detect import make_rules
 from .events import Event
+from .statedir import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ _DEFAULT = {"", "default", "reset"}
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` so a crash leaves the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
