@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 PASSWORD_ENV = "EARSHOT_MQTT_PASSWORD"
 """Environment variable holding the MQTT password when `password_file` is not set."""
 
+CREDENTIAL = "mqtt-password"
+"""Name of the systemd credential with the MQTT password (`LoadCredential=mqtt-password:FILE`)."""
+
 _WINDOW = 20
 """Messages handed to paho and not yet acknowledged, at most (also paho's max in-flight)."""
 
@@ -83,13 +86,18 @@ def _reason_text(reason: Any) -> str:
 
 
 def read_password(config: Any) -> str | None:
-    """The password from `password_file` (first line) or `$EARSHOT_MQTT_PASSWORD`, or None."""
-    if config.password_file:
+    """The password, first found of: `password_file` (first line), the systemd credential
+    `mqtt-password` (`LoadCredential=mqtt-password:...`), `$EARSHOT_MQTT_PASSWORD`; or None."""
+    path = config.password_file
+    if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL
+        path = str(credential) if credential.is_file() else None
+    if path:
         try:
-            with open(config.password_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 return f.readline().rstrip("\r\n")
         except OSError as e:
-            raise PublishError(f"cannot read MQTT password_file {config.password_file}: {e.strerror}") from None
+            raise PublishError(f"cannot read MQTT password_file {path}: {e.strerror}") from None
     return os.environ.get(PASSWORD_ENV)
 
 
