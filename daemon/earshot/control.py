@@ -1,8 +1,8 @@
 """Run-time control over MQTT: enable/disable a source, change a label's threshold; persisted.
 
 Topics (`<base>` = `<prefix>/<node>`):
-- `<base>/<source>/enabled/set`: `ON` / `OFF` (also true/false, 1/0); `default` or empty = back to on.
-- `<base>/<source>/<label>/threshold/set`: a number in (0, 1); `default` or empty = back to the
+- `<base>/<source>/enabled/set`: `ON` / `OFF` (also true/false, 1/0); `default` = back to on.
+- `<base>/<source>/<label>/threshold/set`: a number in (0, 1); `default` = back to the
   configured (or the model's calibrated) value.
 The current values are published retained on the same topics without `/set`, after each change
 and on every (re)connect. Invalid commands are logged and answered with the current value.
@@ -11,7 +11,9 @@ Commands are applied only when they arrive live. A *retained* `/set` message (Ho
 and scripts sometimes publish with retain by mistake) is delivered again on every (re)connect
 and would replay an old command over newer ones, e.g. switch a source off again after each
 broker restart; so a message flagged retained is logged once and ignored. (A retained command
-published while we are connected reaches us live, unflagged, and is applied once.)
+published while we are connected reaches us live, unflagged, and is applied once.) An empty
+message is ignored too: it is what removing a retained message (`mosquitto_pub -r -n -t ...`)
+sends to every subscriber.
 
 Changes are applied in the detection worker (`Worker.call_soon`), never from paho's thread, and
 saved as JSON (`<state_dir>/control.json`, written atomically) so they survive a restart; at start
@@ -42,7 +44,7 @@ STATE_FILE = "control.json"
 
 _ON = {"on", "true", "1", "yes", "enable", "enabled"}
 _OFF = {"off", "false", "0", "no", "disable", "disabled"}
-_DEFAULT = {"", "default", "reset"}
+_DEFAULT = {"default", "reset"}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -157,7 +159,10 @@ class Control:
         return topic[len(self.base) + 1:].split("/")
 
     def _replayed(self, topic: str, payload: bytes, retained: bool) -> bool:
-        """True (and logged once per topic and payload) for a retained command: never applied."""
+        """True (and logged once per topic and payload) for a retained command: never applied.
+        Also true, silently, for an empty message (a retained command being removed)."""
+        if not payload.strip():
+            return True
         if not retained:
             return False
         if (topic, payload) not in self._ignored:
