@@ -90,7 +90,7 @@ class SubscriberGuard:
             self._conns.pop(fd, None)
             return
         try:
-            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            with _dup(fd) as dup:
                 if dup.type != socket.SOCK_STREAM or dup.family not in (socket.AF_INET, socket.AF_INET6):
                     return
                 self._conns[fd] = (dup.getsockname(), dup.getpeername())
@@ -100,7 +100,7 @@ class SubscriberGuard:
     def _check(self, fd: int) -> None:
         names = self._conns.get(fd)
         try:
-            with socket.fromfd(fd, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            with _dup(fd) as dup:
                 # The descriptor may have been closed and its number reused: act only on the same connection.
                 if (dup.getsockname(), dup.getpeername()) != names:
                     self._conns.pop(fd, None)
@@ -126,6 +126,16 @@ class SubscriberGuard:
         except zmq.ZMQError:
             pass
         self._monitor.close(linger=0)
+
+
+def _dup(fd: int) -> socket.socket:
+    """Our own descriptor of libzmq's connection `fd` (family and type read from it); raises OSError."""
+    copy = os.dup(fd)
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        raise
 
 
 def _peer(address: Any) -> str:
