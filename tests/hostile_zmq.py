@@ -5,7 +5,8 @@ in the test process): it does the NULL handshake, then sends `n` subscription re
 reads. The victim (`python tests/hostile_zmq.py MODE`) binds either earshot's `ZmqPublisher`
 (`earshot`) or a plain PUB socket (`pub`, what earshot used before), prints its endpoint, sends a
 numbered event every 10 ms, and answers `rss` on stdin with its resident set (kB) and `stop` with
-the number of events it sent.
+the number of events it sent. `python tests/hostile_zmq.py measure MODE N SIZE` runs one flood
+and prints the victim's RSS (run from the repository root with `PYTHONPATH=daemon`).
 """
 
 from __future__ import annotations
@@ -116,5 +117,41 @@ def _victim(mode: str) -> None:
             return
 
 
+def _measure(mode: str, n: int, size: int) -> None:
+    """Victim RSS before a flood, after it (settled) and after the hostile client left (MB)."""
+    import subprocess
+
+    victim = subprocess.Popen([sys.executable, __file__, mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    endpoint = victim.stdout.readline().strip()
+
+    def rss() -> int:
+        victim.stdin.write("rss\n")
+        victim.stdin.flush()
+        return int(victim.stdout.readline())
+
+    time.sleep(0.5)
+    before = rss()
+    hostile = HostileSubscriber("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))
+    sent, took = hostile.flood(n, size)
+    last, now = -1, rss()
+    while abs(now - last) >= 512:
+        time.sleep(0.5)
+        last, now = now, rss()
+    hostile.close()
+    time.sleep(1.0)
+    after = rss()
+    victim.stdin.write("stop\n")
+    victim.stdin.flush()
+    victim.wait(10)
+    print(f"{mode}: {sent} of {n} subscriptions of {size} B sent in {took:.1f} s; RSS {before / 1024:.0f} MB -> "
+          f"{now / 1024:.0f} MB (+{(now - before) / 1024:.0f}), {after / 1024:.0f} MB after the client left")
+
+
 if __name__ == "__main__":
-    _victim(sys.argv[1])
+    # python tests/hostile_zmq.py earshot|pub                  (the victim, driven by the tests)
+    # python tests/hostile_zmq.py measure earshot|pub N SIZE   (one flood, RSS figures)
+    if sys.argv[1] == "measure":
+        _measure(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        _victim(sys.argv[1])

@@ -395,7 +395,7 @@ def test_hostile_zmq_subscriber(tmp_path):
           f"+{plain['growth_mb']:.0f} MB")
     assert not lost and got == sorted(got)
     assert all(s < 200_000 for s in ours["sent"]) and ours["log"].count("cut off subscriber") == 3, ours["log"]
-    assert ours["growth_mb"] < 32
+    assert ours["growth_mb"] < 64  # vs about 1,000 MB for a plain PUB socket at this flood
     assert plain["growth_mb"] > 100  # the measurement would see the old behaviour
 
 

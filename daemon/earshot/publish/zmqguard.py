@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 BUDGET_BYTES = 64 * 1024
 """Bytes a subscriber connection may send us before it is cut off (handshake + subscriptions)."""
-INTERVAL_S = 0.05
+INTERVAL_S = 0.02
 """How often the connections are looked at (s); a flood is cut within about this time."""
 
 _TCPI_BYTES_RECEIVED = 128
