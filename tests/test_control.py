@@ -69,3 +69,28 @@ def test_set_topics_apply_publish_and_persist(tiny_model, mosquitto, tmp_path):
         assert wait_until(lambda: retained(mosquitto, f"{BASE}/enabled") == b"ON", 10)
     saved = json.loads((state / STATE_FILE).read_text())
     assert saved["sources"]["yard"] == {"enabled": True}
+
+
+def test_retained_commands_are_never_applied(tiny_model, mosquitto, tmp_path, caplog):
+    """Retained `/set` messages found at (re)connect are logged and ignored: a retained OFF and a
+    retained threshold left on the broker change nothing; a live command still works; removing the
+    retained messages (an empty message reaches us live) resets nothing."""
+    mqtt_publish.single(f"{BASE}/enabled/set", "OFF", qos=1, retain=True, hostname=mosquitto.host,
+                        port=mosquitto.port)
+    mqtt_publish.single(f"{BASE}/glass_break/threshold/set", "0.9", qos=1, retain=True, hostname=mosquitto.host,
+                        port=mosquitto.port)
+    with running_service(tiny_model, _raw(mosquitto, tmp_path / "state")) as (service, _, fanout):
+        stream = service.streams[0]
+        assert wait_until(lambda: "ignoring the retained command 'OFF'" in caplog.text, 10)
+        assert wait_until(lambda: "ignoring the retained command '0.9'" in caplog.text, 10)
+        assert stream.enabled and stream.analyzer.detector.thresholds["glass_break"] != pytest.approx(0.9)
+        assert retained(mosquitto, f"{BASE}/enabled") == b"ON"
+        _set(mosquitto, f"{BASE}/enabled/set", "OFF")  # live: applied
+        assert wait_until(lambda: not stream.enabled, 10)
+        for topic in (f"{BASE}/enabled/set", f"{BASE}/glass_break/threshold/set"):  # removing the retained ones
+            mqtt_publish.single(topic, b"", qos=1, retain=True, hostname=mosquitto.host, port=mosquitto.port)
+        _set(mosquitto, f"{BASE}/glass_break/threshold/set", "0.77")  # a live command after them, as a marker
+        assert wait_until(lambda: stream.analyzer.detector.thresholds["glass_break"] == pytest.approx(0.77), 10)
+        assert not stream.enabled  # the empty message did not reset it
+    assert json.loads((tmp_path / "state" / STATE_FILE).read_text())["sources"]["yard"] == \
+        {"enabled": False, "thresholds": {"glass_break": 0.77}}

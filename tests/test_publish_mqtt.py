@@ -313,3 +313,21 @@ def _accepts(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+def test_password_sources_in_order(tmp_path, monkeypatch):
+    """password_file first, then the systemd credential `mqtt-password` ($CREDENTIALS_DIRECTORY, as
+    LoadCredential= provides it), then $EARSHOT_MQTT_PASSWORD."""
+    from earshot.config import MqttConfig
+    from earshot.publish.mqtt import read_password
+
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("from-credential\n")
+    (tmp_path / "file").write_text("from-file\n")
+    monkeypatch.setenv("EARSHOT_MQTT_PASSWORD", "from-env")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert read_password(MqttConfig(password_file=str(tmp_path / "file"))) == "from-file"
+    assert read_password(MqttConfig()) == "from-credential"
+    (creds / "mqtt-password").unlink()
+    assert read_password(MqttConfig()) == "from-env"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 import zmq
 
+from brokers import wait_until
 from earshot.config import ZmqConfig
 from earshot.events import Event, iso_utc, new_event_id
 from earshot.publish import PublishError
@@ -139,3 +141,30 @@ def test_publish_after_close_is_counted_not_raised(pub):
     pub.close(0.1)
     pub.publish(make_event(1))
     assert pub.dropped == 1
+
+
+def test_a_subscriber_with_many_subscriptions_is_not_cut_off(pub, ctx):
+    """The flood guard leaves honest clients alone: 300 subscriptions (about 12 KB) stay connected
+    and get their events; a client sending far more than a subscriber needs is cut off (counted)."""
+    from earshot.publish.zmqguard import BUDGET_BYTES
+
+    many = ctx.socket(zmq.SUB)
+    many.connect(pub.endpoint)
+    for i in range(300):
+        many.setsockopt(zmq.SUBSCRIBE, f"event.kitchen-{i:04d}.glass_break".encode())
+    s = subscribe(ctx, pub, b"event.mic0.")  # also subscribe `many` to the probe through its own topics
+    many.setsockopt(zmq.SUBSCRIBE, b"event.mic0.")
+    e = make_event(1)
+    assert wait_until(lambda: (pub.publish(e), many.poll(20))[1], 10)
+    time.sleep(3 * 0.05 + 0.2)  # several guard passes
+    pub.publish(e)
+    assert recv(many) and pub.stats()["subscribers_cut"] == 0 and recv(s)
+
+    flood = ctx.socket(zmq.SUB)
+    flood.connect(pub.endpoint)
+    for i in range(BUDGET_BYTES // 100 * 3 // 2):  # libzmq sends at most ~1000 (its pipe limit) at connect
+        flood.setsockopt(zmq.SUBSCRIBE, f"x{i:099d}".encode())
+    assert wait_until(lambda: pub.stats()["subscribers_cut"] >= 1, 10)
+    flood.close(linger=0)
+    pub.publish(e)
+    assert recv(many)  # the others are unaffected

@@ -3,6 +3,7 @@ what survives closing and reopening (a daemon restart)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import pytest

@@ -12,7 +12,7 @@ from earshot.config import MqttConfig, ZmqConfig
 from earshot.events import Event, iso_utc, new_event_id
 from earshot.publish.mqtt import MqttPublisher
 from earshot.publish.zmq import ZmqPublisher
-from earshot.tail import format_event, tail
+from earshot.tail import format_event, redact_url, tail
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -126,3 +126,44 @@ def test_bad_arguments_exit_2_with_one_line(kw, message):
     err = io.StringIO()
     assert tail(out=io.StringIO(), err=err, **kw) == 2
     assert err.getvalue().count("\n") == 1 and message in err.getvalue()
+
+
+def test_password_in_url_is_refused_and_never_printed():
+    """A URL carrying a password is refused with one line that shows it as ***; redact_url hides it."""
+    err = io.StringIO()
+    assert tail(mqtt_url="mqtt://alice:hunter2@127.0.0.1:1", zmq_endpoint=None, out=io.StringIO(), err=err) == 2
+    line = err.getvalue()
+    assert line.count("\n") == 1 and "hunter2" not in line and "mqtt://alice:***@127.0.0.1:1" in line
+    assert "--password-file" in line
+    err = io.StringIO()
+    assert tail(mqtt_url="http://bob:pw0rd@x", zmq_endpoint=None, out=io.StringIO(), err=err) == 2
+    assert "pw0rd" not in err.getvalue() and "not an MQTT URL" in err.getvalue()
+    assert redact_url("mqtts://u:p%40ss@h:8883/x") == "mqtts://u:***@h:8883/x"
+    assert redact_url("mqtt://h:1883") == "mqtt://h:1883"
+
+
+def test_tail_logs_in_with_password_file_or_environment(mosquitto_factory, tmp_path, monkeypatch):
+    """The user from the URL, the password from --password-file or $EARSHOT_MQTT_PASSWORD: both get
+    through a broker that refuses anonymous clients; a wrong one is reported without the password."""
+    import subprocess
+
+    pw = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pw), "earshot", "s3cret"], check=True, capture_output=True)
+    broker = mosquitto_factory(f"allow_anonymous false\npassword_file {pw}\n").start()
+    (tmp_path / "good").write_text("s3cret\n")
+    url = f"mqtt://earshot@{broker.host}:{broker.port}"
+    t = TailThread(mqtt_url=url, zmq_endpoint=None, password_file=str(tmp_path / "good"))
+    assert wait_until(lambda: "waiting for events" in t.err.getvalue(), 10), t.err.getvalue()
+    t.stop.set()
+    assert t.finish(5) == 0
+    monkeypatch.setenv("EARSHOT_MQTT_PASSWORD", "s3cret")
+    t = TailThread(mqtt_url=url, zmq_endpoint=None)
+    assert wait_until(lambda: "waiting for events" in t.err.getvalue(), 10), t.err.getvalue()
+    t.stop.set()
+    assert t.finish(5) == 0
+    monkeypatch.setenv("EARSHOT_MQTT_PASSWORD", "wrong-secret")
+    t = TailThread(mqtt_url=url, zmq_endpoint=None)
+    assert wait_until(lambda: "refused" in t.err.getvalue(), 10), t.err.getvalue()
+    t.stop.set()
+    assert t.finish(5) == 0
+    assert "wrong-secret" not in t.err.getvalue()

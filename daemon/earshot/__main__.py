@@ -132,11 +132,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
     from .tail import tail
 
     _setup_logging("warning")
+    username, password_file = None, args.password_file
     if args.zmq is None and args.mqtt is None:
         config = _config(args.config)
         args.zmq = config.zmq.endpoint if config.zmq.enabled else None
         args.mqtt = None if args.zmq else f"mqtt://{config.mqtt.host}:{config.mqtt.port}"
-    return tail(args.mqtt, args.zmq, node=args.node, raw_json=args.json)
+        username, password_file = config.mqtt.username, password_file or config.mqtt.password_file
+    return tail(args.mqtt, args.zmq, node=args.node, raw_json=args.json, username=username,
+                password_file=password_file)
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -243,7 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tail", help="print events from a running daemon (ZeroMQ or MQTT)")
     p.add_argument("-c", "--config", help="read the endpoints from this configuration")
     p.add_argument("--zmq", metavar="ENDPOINT", help="ZeroMQ endpoint, e.g. tcp://127.0.0.1:5556")
-    p.add_argument("--mqtt", metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883")
+    p.add_argument("--mqtt", metavar="URL", help="MQTT broker, e.g. mqtt://localhost:1883 or mqtt://user@host "
+                   "(never a password here: see --password-file)")
+    p.add_argument("--password-file", metavar="FILE",
+                   help="MQTT password: first line of FILE (else $EARSHOT_MQTT_PASSWORD)")
     p.add_argument("--node", default="+", help="only this node's events (MQTT)")
     p.add_argument("--json", action="store_true", help="print the raw JSON payloads")
     p.set_defaults(func=cmd_tail)

@@ -15,6 +15,8 @@ no request can name a file outside the clip directory.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import logging
 import os
@@ -33,6 +35,7 @@ import soundfile as sf
 
 from .analyzer import Hop
 from .events import START, Event
+from .statedir import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +91,7 @@ class ClipRecorder:
     def __init__(self, directory: str | os.PathLike, sample_rate: int, pre_s: float, post_s: float,
                  max_total_bytes: int, max_age_s: float) -> None:
         """Create the directory, start the writer thread and apply retention once."""
-        self.dir = Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = ensure_private_dir(directory)
         self.sr = int(sample_rate)
         self.pre_s, self.post_s = float(pre_s), float(post_s)
         self.max_total_bytes = int(max_total_bytes)
@@ -163,9 +165,14 @@ class ClipRecorder:
                 try:
                     self._write(clip_id, audio, meta)
                     self.written += 1
-                except (OSError, RuntimeError, sf.LibsndfileError) as e:
+                except OSError as e:
                     self.failed += 1
-                    log.error("cannot write clip %s in %s: %s", clip_id, self.dir, e)
+                    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+                    log.error("cannot write clip %s in %s: %s%s", clip_id, self.dir, e.strerror or e,
+                              " (ENOSPC: the disk is full; free space or lower [clips] max_total_mb)" if full else "")
+                except (RuntimeError, sf.LibsndfileError) as e:
+                    self.failed += 1
+                    log.error("cannot encode clip %s: %s", clip_id, e)
             try:
                 self.retain()
             except OSError as e:
@@ -173,19 +180,24 @@ class ClipRecorder:
 
     def _write(self, clip_id: str, audio: np.ndarray, meta: dict) -> None:
         meta = {**meta, "created": time.time()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{clip_id}.", suffix=".flac", dir=self.dir)
-        os.close(fd)
+        # Encode in memory, then write the bytes ourselves: libsndfile reports a full disk as a
+        # codec error ("problem with initialization of the flac decoder"); a plain write says ENOSPC.
+        flac = io.BytesIO()
+        sf.write(flac, np.clip(audio, -1.0, 1.0), self.sr, format="FLAC", subtype="PCM_16")
+        self._write_file(clip_id, ".flac", flac.getvalue())
+        self._write_file(clip_id, ".json", json.dumps(meta).encode("utf-8"))
+        log.debug("clip %s written (%.1f s)", clip_id, meta["duration_s"])
+
+    def _write_file(self, clip_id: str, suffix: str, data: bytes) -> None:
+        """`<dir>/<clip_id><suffix>` replaced atomically (mode 0600); nothing is left behind on failure."""
+        fd, tmp = tempfile.mkstemp(prefix=f".{clip_id}.", suffix=suffix, dir=self.dir)
         try:
-            sf.write(tmp, np.clip(audio, -1.0, 1.0), self.sr, format="FLAC", subtype="PCM_16")
-            os.replace(tmp, self.dir / f"{clip_id}.flac")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.dir / f"{clip_id}{suffix}")
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        fd, tmp = tempfile.mkstemp(prefix=f".{clip_id}.", suffix=".json", dir=self.dir)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(meta, f)
-        os.replace(tmp, self.dir / f"{clip_id}.json")
-        log.debug("clip %s written (%.1f s)", clip_id, meta["duration_s"])
 
     def retain(self) -> list[str]:
         """Delete clips past `max_age_s`, then the oldest beyond `max_total_bytes`; returns the deleted ids."""

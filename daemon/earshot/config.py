@@ -117,7 +117,8 @@ class MqttConfig:
     username: str | None = None
     """User name for the broker; unset = anonymous."""
     password_file: str | None = None
-    """File holding the password (first line); unset = environment variable EARSHOT_MQTT_PASSWORD."""
+    """File holding the password (first line); unset = the systemd credential `mqtt-password`
+    (`LoadCredential=`), else the environment variable EARSHOT_MQTT_PASSWORD."""
     tls: bool = False
     """Connect with TLS."""
     ca_file: str | None = None

@@ -1,11 +1,19 @@
 """Run-time control over MQTT: enable/disable a source, change a label's threshold; persisted.
 
 Topics (`<base>` = `<prefix>/<node>`):
-- `<base>/<source>/enabled/set`: `ON` / `OFF` (also true/false, 1/0); `default` or empty = back to on.
-- `<base>/<source>/<label>/threshold/set`: a number in (0, 1); `default` or empty = back to the
+- `<base>/<source>/enabled/set`: `ON` / `OFF` (also true/false, 1/0); `default` = back to on.
+- `<base>/<source>/<label>/threshold/set`: a number in (0, 1); `default` = back to the
   configured (or the model's calibrated) value.
 The current values are published retained on the same topics without `/set`, after each change
 and on every (re)connect. Invalid commands are logged and answered with the current value.
+
+Commands are applied only when they arrive live. A *retained* `/set` message (Home Assistant
+and scripts sometimes publish with retain by mistake) is delivered again on every (re)connect
+and would replay an old command over newer ones, e.g. switch a source off again after each
+broker restart; so a message flagged retained is logged once and ignored. (A retained command
+published while we are connected reaches us live, unflagged, and is applied once.) An empty
+message is ignored too: it is what removing a retained message (`mosquitto_pub -r -n -t ...`)
+sends to every subscriber.
 
 Changes are applied in the detection worker (`Worker.call_soon`), never from paho's thread, and
 saved as JSON (`<state_dir>/control.json`, written atomically) so they survive a restart; at start
@@ -27,6 +35,7 @@ import numpy as np
 from .analyzer import Hop
 from .detect import make_rules
 from .events import Event
+from .statedir import ensure_private_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +44,12 @@ STATE_FILE = "control.json"
 
 _ON = {"on", "true", "1", "yes", "enable", "enabled"}
 _OFF = {"off", "false", "0", "no", "disable", "disabled"}
-_DEFAULT = {"", "default", "reset"}
+_DEFAULT = {"default", "reset"}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as JSON to `path` so a crash leaves the old or the new file, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -77,6 +86,7 @@ class Control:
         self._enabled: dict[str, bool] = {}
         self._thresholds: dict[str, dict[str, float]] = {}
         self._applied = False  # the worker has applied the persisted settings
+        self._ignored: set[tuple[str, bytes]] = set()  # retained commands already logged
         self._load()
         self.base = mqtt.base if mqtt is not None else ""
         if mqtt is not None:
@@ -148,7 +158,23 @@ class Control:
     def _parse_topic(self, topic: str) -> list[str]:
         return topic[len(self.base) + 1:].split("/")
 
+    def _replayed(self, topic: str, payload: bytes, retained: bool) -> bool:
+        """True (and logged once per topic and payload) for a retained command: never applied.
+        Also true, silently, for an empty message (a retained command being removed)."""
+        if not payload.strip():
+            return True
+        if not retained:
+            return False
+        if (topic, payload) not in self._ignored:
+            self._ignored.add((topic, payload))
+            log.warning("control: ignoring the retained command %r on %s: commands apply only when sent "
+                        "live (publish them without retain); remove it with: mosquitto_pub -r -n -t '%s'",
+                        payload.decode("utf-8", "replace")[:40], topic, topic)
+        return True
+
     def _on_enabled_set(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._replayed(topic, payload, retained):
+            return
         source = self._parse_topic(topic)[0]
         if source not in self.sources:
             log.warning("control: no source %r (topic %s); ignored", source, topic)
@@ -167,6 +193,8 @@ class Control:
         self._apply_later(lambda: self._apply_source(source))
 
     def _on_threshold_set(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._replayed(topic, payload, retained):
+            return
         source, label = self._parse_topic(topic)[:2]
         if source not in self.sources or label not in self._configured:
             log.warning("control: no source %r or label %r (topic %s); ignored", source, label, topic)

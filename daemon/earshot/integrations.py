@@ -8,14 +8,19 @@ the clips still waiting for post-roll and stops the clip server.
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 from typing import Any
 
 from .config import split_listen
 from .publish import PublishError
+from .statedir import ensure_private_dir
 
 log = logging.getLogger(__name__)
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+"""Errors of a full disk: reported, never fatal (the state directory may fill while we run, or before)."""
 
 
 def _publisher(fanout: Any, name: str) -> Any | None:
@@ -54,9 +59,13 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
     state_dir = Path(config.state_dir) if config.state_dir else None
     if state_dir is not None:
         try:
-            state_dir.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(state_dir)
         except OSError as e:
-            raise PublishError(f"cannot create state_dir {state_dir}: {e.strerror}") from None
+            if e.errno not in _FULL:
+                raise PublishError(f"cannot create state_dir {state_dir}: {e.strerror}") from None
+            # A full disk must not stop detection: the spool runs in memory and retries, clips fail one by one.
+            log.error("cannot create state_dir %s: %s; going on without it until there is space", state_dir,
+                      e.strerror)
     else:
         log.info("no state_dir: MQTT messages wait in memory only, run-time settings are not kept, no clips")
 
@@ -79,9 +88,13 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
             out.clips = ClipRecorder(clip_dir, service.loaded.frontend.sample_rate, c.pre_s, c.post_s,
                                      int(c.max_total_mb * 1_000_000), c.max_age_days * 86400.0)
         except OSError as e:
-            raise PublishError(f"cannot use the clip directory {clip_dir}: {e.strerror}") from None
-        service.taps.append(out.clips)
-        if c.http:
+            if e.errno not in _FULL:
+                raise PublishError(f"cannot use the clip directory {clip_dir}: {e.strerror}") from None
+            log.error("cannot create the clip directory %s: %s (the disk is full); no clips this run", clip_dir,
+                      e.strerror)
+        if out.clips is not None:
+            service.taps.append(out.clips)
+        if out.clips is not None and c.http:
             address = split_listen(c.listen, any_port=True)
             assert address is not None, "config validation checks clips.listen"
             host, port = address

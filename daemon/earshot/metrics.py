@@ -39,7 +39,7 @@ _LOGGER = logging.getLogger(__name__)
 INFERENCE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Histogram buckets of the per-hop compute time (s): a hop is 0.1 s, so anything near it is trouble."""
 
-_PUBLISHER_COUNTERS = ("published", "dropped", "dropped_other")
+_PUBLISHER_COUNTERS = ("published", "dropped", "dropped_other", "spool_memory_seconds", "subscribers_cut")
 """Publisher stats that only grow; every other numeric stat (connected, queued, ...) is a gauge."""
 
 

@@ -2,11 +2,17 @@
 
 One human-readable line per event (or the raw JSON with `raw_json=True`), e.g.
 `2024-05-01T12:00:03.250Z  attic/mic0  START  glass_break  score=0.93  id=1a2b3c4d`.
+
+An MQTT password never goes on the command line (every local user sees it in `ps`): the URL
+names the user only (`mqtt://alice@host`), the password comes from `--password-file` or
+`$EARSHOT_MQTT_PASSWORD`, as for the daemon. A URL that carries a password is refused, and every
+message shows URLs with the password replaced by `***`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import uuid
@@ -21,8 +27,36 @@ _POLL_S = 0.1
 """How often the waiting loops look at the stop event (s)."""
 
 
+PASSWORD_ENV = "EARSHOT_MQTT_PASSWORD"
+"""Environment variable with the MQTT password (the same as the daemon's)."""
+
+
 class TailError(Exception):
     """A user error in the tail arguments (one line, exit code 2)."""
+
+
+def redact_url(url: str) -> str:
+    """`url` with any password replaced by `***` (for messages); anything unparsable is returned as is
+    unless it has an `@`, then everything before it is hidden."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username or ''}:***@{parts.netloc.rpartition('@')[2]}"
+        return parts._replace(netloc=netloc).geturl()
+    except ValueError:
+        return "***@" + url.rpartition("@")[2] if "@" in url else url
+
+
+def _password(password_file: str | None) -> str | None:
+    """The password from `password_file` (first line) or `$EARSHOT_MQTT_PASSWORD`, or None."""
+    if password_file:
+        try:
+            with open(password_file, encoding="utf-8") as f:
+                return f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise TailError(f"cannot read the password file {password_file}: {e.strerror}") from None
+    return os.environ.get(PASSWORD_ENV)
 
 
 def format_event(event: Event) -> str:
@@ -79,21 +113,31 @@ class _Printer:
             return
 
 
-def _tail_mqtt(url: str, node: str, topic_prefix: str, printer: _Printer, stop: threading.Event | None) -> None:
+def _tail_mqtt(url: str, node: str, topic_prefix: str, printer: _Printer, stop: threading.Event | None,
+               username: str | None, password_file: str | None) -> None:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise TailError(f"not an MQTT URL: {url!r} (expected mqtt://host[:port])")
+    shown = redact_url(url)
+    try:
+        parts = urlsplit(url)
+        host, has_password = parts.hostname, parts.password is not None
+    except ValueError:
+        raise TailError(f"not an MQTT URL: {shown!r} (expected mqtt://[user@]host[:port])") from None
+    if parts.scheme not in ("mqtt", "mqtts") or not host:
+        raise TailError(f"not an MQTT URL: {shown!r} (expected mqtt://[user@]host[:port])")
+    if has_password:
+        raise TailError(f"{shown}: do not put the password in the URL (every local user can read it with ps); "
+                        f"use --password-file FILE (mode 0600) or ${PASSWORD_ENV}")
     try:
         port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
     except ValueError:
-        raise TailError(f"bad port in MQTT URL {url!r}") from None
-    host = parts.hostname
+        raise TailError(f"bad port in MQTT URL {shown!r}") from None
+    user = unquote(parts.username) if parts.username else username
+    password = _password(password_file) if user else None
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"earshot-tail-{uuid.uuid4().hex[:8]}")
-    if parts.username:
-        client.username_pw_set(unquote(parts.username), unquote(parts.password) if parts.password else None)
+    if user:
+        client.username_pw_set(user, password)
     if parts.scheme == "mqtts":
         client.tls_set()
     last = {"state": ""}  # log each connection state once, not on every retry
@@ -176,8 +220,13 @@ def tail(
     raw_json: bool = False,
     topic_prefix: str = "earshot",
     err: TextIO | None = None,
+    username: str | None = None,
+    password_file: str | None = None,
 ) -> int:
-    """Print events from MQTT (`mqtt://host:port`) or ZeroMQ (`tcp://host:port`) until stopped.
+    """Print events from MQTT (`mqtt://[user@]host:port`) or ZeroMQ (`tcp://host:port`) until stopped.
+
+    The MQTT user is the URL's or `username`; its password comes from `password_file` or
+    `$EARSHOT_MQTT_PASSWORD` (a URL with a password is refused).
 
     `node` filters by node name (`+` for all). Returns when `count` events were printed,
     `stop` is set or on Ctrl-C; the exit code is 0, or 2 with one line on `err` for bad
@@ -193,7 +242,7 @@ def tail(
         if count is not None and count < 1:
             raise TailError("count must be at least 1")
         if mqtt_url is not None:
-            _tail_mqtt(mqtt_url, node, topic_prefix, printer, stop)
+            _tail_mqtt(mqtt_url, node, topic_prefix, printer, stop, username, password_file)
         else:
             assert zmq_endpoint is not None
             _tail_zmq(zmq_endpoint, printer, stop)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import ssl
 import threading
 import time
@@ -49,6 +48,9 @@ log = logging.getLogger(__name__)
 
 PASSWORD_ENV = "EARSHOT_MQTT_PASSWORD"
 """Environment variable holding the MQTT password when `password_file` is not set."""
+
+CREDENTIAL = "mqtt-password"
+"""Name of the systemd credential with the MQTT password (`LoadCredential=mqtt-password:FILE`)."""
 
 _WINDOW = 20
 """Messages handed to paho and not yet acknowledged, at most (also paho's max in-flight)."""
@@ -84,13 +86,18 @@ def _reason_text(reason: Any) -> str:
 
 
 def read_password(config: Any) -> str | None:
-    """The password from `password_file` (first line) or `$EARSHOT_MQTT_PASSWORD`, or None."""
-    if config.password_file:
+    """The password, first found of: `password_file` (first line), the systemd credential
+    `mqtt-password` (`LoadCredential=mqtt-password:...`), `$EARSHOT_MQTT_PASSWORD`; or None."""
+    path = config.password_file
+    if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
+        credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL
+        path = str(credential) if credential.is_file() else None
+    if path:
         try:
-            with open(config.password_file, encoding="utf-8") as f:
+            with open(path, encoding="utf-8") as f:
                 return f.readline().rstrip("\r\n")
         except OSError as e:
-            raise PublishError(f"cannot read MQTT password_file {config.password_file}: {e.strerror}") from None
+            raise PublishError(f"cannot read MQTT password_file {path}: {e.strerror}") from None
     return os.environ.get(PASSWORD_ENV)
 
 
@@ -118,10 +125,8 @@ class MqttPublisher:
 
         self._cond = threading.Condition()
         path = Path(state_dir) / SPOOL_FILE if state_dir else None
-        try:
-            self._spool = Spool(path, config.queue_limit, int(float(config.spool_max_mb) * 1_000_000))
-        except (OSError, sqlite3.Error) as e:
-            raise PublishError(f"cannot open the MQTT spool {path}: {e}; check state_dir") from None
+        # A spool that cannot be opened (full state directory) starts in memory and retries the disk.
+        self._spool = Spool(path, config.queue_limit, int(float(config.spool_max_mb) * 1_000_000))
         self._sent: dict[int, _Sent] = {}  # mid -> message handed to paho, not yet acknowledged
         self._early_acks: dict[int, bool] = {}  # mid -> failed, for acks that came before the mid was recorded
         self._outstanding = 0  # QoS>0 messages handed to paho and not yet acknowledged
@@ -264,10 +269,15 @@ class MqttPublisher:
         """Hand spooled messages to paho, in order, while connected and the window has room."""
         while True:
             with self._cond:
-                while not self._stop_sender and not (self._ready and len(self._spool) and self._outstanding < _WINDOW):
-                    self._cond.wait()
-                if self._stop_sender:
-                    return
+                while True:
+                    if self._stop_sender:
+                        return
+                    # A spool that fell back to memory retries its disk from here (bounded waits).
+                    for old in self._spool.maintain():
+                        self._count_drop(old.kind)
+                    if self._ready and len(self._spool) and self._outstanding < _WINDOW:
+                        break
+                    self._cond.wait(self._spool.retry_in())
                 entry = self._spool.pop()
                 if self._qos > 0:
                     self._outstanding += 1
@@ -410,7 +420,8 @@ class MqttPublisher:
 
     def stats(self) -> dict[str, Any]:
         """Counters and state: `connected`, `published`, `dropped`, `dropped_other`, `queued`, `queued_bytes`,
-        `in_flight`, `spool_on_disk`."""
+        `in_flight`, `spool_on_disk`, `spool_in_memory` (1 while a refused disk spool runs in memory),
+        `spool_memory_seconds` (time spent so) and `spool_unsaved` (messages only memory holds)."""
         with self._cond:
             return {
                 "connected": self.connected,
@@ -421,6 +432,9 @@ class MqttPublisher:
                 "queued_bytes": self._spool.bytes,
                 "in_flight": self._outstanding,
                 "spool_on_disk": self._spool.on_disk,
+                "spool_in_memory": self._spool.in_memory,
+                "spool_memory_seconds": round(self._spool.memory_seconds, 3),
+                "spool_unsaved": self._spool.unsaved,
             }
 
     def close(self, timeout_s: float = 2.0) -> None:
@@ -438,6 +452,8 @@ class MqttPublisher:
             while (len(self._spool) or self._outstanding > 0) and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, min(0.1, deadline - time.monotonic())))
             left = len(self._spool) + self._outstanding
+            for old in self._spool.maintain(force=True):  # a last try of a refused disk
+                self._count_drop(old.kind)
             self._stop_sender = True
             self._cond.notify_all()
         if left:

@@ -6,6 +6,10 @@ The topic is `event.<source>.<label>` so a SUB socket can filter by prefix
 blocks: a slow or absent subscriber just misses messages, which is ZeroMQ's documented
 semantics.
 
+What one subscriber can cost is bounded (`earshot.publish.zmqguard`): a TCP connection that
+sends more than a subscriber needs (64 KB: a flood of subscriptions, which libzmq would keep
+in memory) is cut off. Incoming messages over `MAX_MESSAGE_BYTES` disconnect their client.
+
 With `curve_secret_file` set the socket is a CURVE server: traffic is encrypted and a
 subscriber must know the server's public key (logged at start). Generate a key pair with
 `python -c "import zmq; print(zmq.curve_keypair())"` (public, secret); put the secret in
@@ -24,11 +28,15 @@ import zmq
 
 from earshot.events import Event
 from earshot.publish import PublishError, payload_of, topic_part
+from earshot.publish.zmqguard import SubscriberGuard
 
 log = logging.getLogger(__name__)
 
 TOPIC_PREFIX = "event."
 """Prefix of every topic frame; subscribe to it to get all events."""
+
+MAX_MESSAGE_BYTES = 1024
+"""Longest message a client may send (bytes): subscriptions, and CURVE handshake commands (about 300)."""
 
 
 def read_curve_secret(path: str) -> bytes:
@@ -73,6 +81,8 @@ class ZmqPublisher:
         self._closed = False
         self._context = zmq.Context()
         self._socket = self._context.socket(zmq.PUB)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+        self._guard: SubscriberGuard | None = None
         self.public_key: str | None = None
         """The CURVE server public key (Z85) when encryption is on."""
         secret_file = getattr(config, "curve_secret_file", None)
@@ -99,6 +109,8 @@ class ZmqPublisher:
             raise PublishError(f"cannot bind ZeroMQ to {config.endpoint}: {e.strerror}; check [zmq] endpoint") from None
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
         """The bound endpoint, with the actual port when the config asked for `*`."""
+        if self.endpoint.startswith("tcp://"):
+            self._guard = SubscriberGuard(self._socket)
         if self.public_key:
             log.info("publishing events on ZeroMQ %s, CURVE encrypted; server public key %s", self.endpoint,
                      self.public_key)
@@ -136,9 +148,10 @@ class ZmqPublisher:
             return True
 
     def stats(self) -> dict[str, Any]:
-        """Counters: `published`, `dropped`."""
+        """Counters: `published`, `dropped`, `subscribers_cut` (connections cut off for sending too much)."""
         with self._lock:
-            return {"published": self.published, "dropped": self.dropped}
+            return {"published": self.published, "dropped": self.dropped,
+                    "subscribers_cut": self._guard.cut if self._guard else 0}
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Close the socket, letting queued messages go out for at most `timeout_s`, then end the context."""
@@ -146,5 +159,7 @@ class ZmqPublisher:
             if self._closed:
                 return
             self._closed = True
+            if self._guard is not None:
+                self._guard.close()  # under the lock: it turns the socket's monitor off
             self._socket.close(linger=max(0, int(timeout_s * 1000)))
         self._context.term()
