@@ -2,8 +2,8 @@
 
 `attach(service, config, publisher)` is called once by `earshot run` after the Service is built
 and before it starts; it appends the taps (in this order: control, Home Assistant, clips, score
-feed) and registers the MQTT hooks. `Integrations.close()` after the service has stopped writes
-the clips still waiting for post-roll and stops the clip server.
+feed, web page) and registers the MQTT hooks. `Integrations.close()` after the service has stopped
+writes the clips still waiting for post-roll and stops the web server (page, live feed, clips).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import split_listen
+from .config import web_listen
 from .publish import PublishError
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,12 @@ class Integrations:
         self.control: Any = None
         self.homeassistant: Any = None
         self.clips: Any = None
-        self.clip_server: Any = None
+        self.web: Any = None
         self.scores: Any = None
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush pending clips and stop the clip server (bounded); never raises."""
-        for part in (self.clips, self.clip_server):
+        """Flush pending clips and stop the web server (bounded); never raises."""
+        for part in (self.clips, self.web):
             if part is None:
                 continue
             try:
@@ -73,7 +73,7 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
     c = config.clips
     clip_dir = Path(c.dir) if c.dir else (state_dir / "clips" if state_dir else None)
     if c.enabled and clip_dir is not None:
-        from .clips import ClipRecorder, ClipServer
+        from .clips import ClipRecorder
 
         try:
             out.clips = ClipRecorder(clip_dir, service.loaded.frontend.sample_rate, c.pre_s, c.post_s,
@@ -81,16 +81,18 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
         except OSError as e:
             raise PublishError(f"cannot use the clip directory {clip_dir}: {e.strerror}") from None
         service.taps.append(out.clips)
-        if c.http:
-            address = split_listen(c.listen, any_port=True)
-            assert address is not None, "config validation checks clips.listen"
-            host, port = address
-            try:
-                out.clip_server = ClipServer(clip_dir, host, port)
-            except OSError as e:
+
+    if config.web.enabled or (out.clips is not None and c.http):
+        from .web import WebServer
+
+        try:
+            out.web = WebServer(service, config, out.control, clip_dir, out.clips is not None and c.http)
+        except (OSError, ValueError) as e:
+            if out.clips is not None:
                 out.clips.close(1.0)
-                raise PublishError(f"cannot serve clips on {c.listen}: {e.strerror}; set [clips] listen "
-                                   "to another port or http = false") from None
+            reason = getattr(e, "strerror", None) or str(e)
+            raise PublishError(f"cannot serve the web page and clips on {web_listen(config)}: {reason}; "
+                               "set [web] listen to another port, or [web] enabled = false") from None
 
     if zmq is not None and config.zmq.scores:
         from .scores import ScoreFeed
