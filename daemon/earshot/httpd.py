@@ -260,7 +260,7 @@ class BoundedServer:
             return
         conn.buf += data
         if conn.head_end < 0:
-            end = conn.buf.find(b"\r\n\r\n")
+            end = conn.buf.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES + 4)
             if end < 0:
                 if len(conn.buf) > MAX_HEAD_BYTES:
                     self.stats["bad_requests"] += 1
@@ -375,7 +375,9 @@ class BoundedServer:
     # ------------------------------------------------------------------ shutdown
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stop accepting, close waiting connections, let workers finish their request (bounded)."""
+        """Stop accepting, close waiting connections, let workers finish their request (bounded); idempotent."""
+        if self._stop:
+            return
         self._stop = True
         try:
             self._wake_w.send(b"x")

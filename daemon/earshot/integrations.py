@@ -87,12 +87,14 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
 
         try:
             out.web = WebServer(service, config, out.control, clip_dir, out.clips is not None and c.http)
-        except (OSError, ValueError) as e:
+        except ValueError as e:  # the token file (check-config reports it first)
             if out.clips is not None:
                 out.clips.close(1.0)
-            reason = getattr(e, "strerror", None) or str(e)
-            raise PublishError(f"cannot serve the web page and clips on {web_listen(config)}: {reason}; "
-                               "set [web] listen to another port, or [web] enabled = false") from None
+            raise PublishError(f"web.token_file: {e}") from None
+        except OSError as e:
+            # Like metrics: the page is secondary to detection, so a port in use is one error line.
+            log.error("cannot serve the web page and clips on %s (%s); set [web] listen to a free port; "
+                      "continuing without them", web_listen(config), e.strerror or e)
 
     if zmq is not None and config.zmq.scores:
         from .scores import ScoreFeed

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import select
 import socket
 import threading
 import time
@@ -111,6 +112,7 @@ class LiveHub:
                 messages.append(b": ping\n\n")
             with self._lock:
                 clients = list(self.clients)
+            self._drop_closed(clients)
             for client in clients:
                 for m in messages:
                     client.pending += m
@@ -122,6 +124,16 @@ class LiveHub:
             clients, self.clients = self.clients, []
         for client in clients:
             self._drop(client)
+
+    def _drop_closed(self, clients: list[_Client]) -> None:
+        """Drop pages whose browser hung up: a live page never sends after its request, so readable = closed."""
+        poller = select.poll()
+        for c in clients:
+            poller.register(c.sock, select.POLLIN)
+        gone = {fd for fd, _ in poller.poll(0)}
+        for c in [c for c in clients if c.sock.fileno() in gone]:
+            clients.remove(c)
+            self._drop(c)
 
     def _flush(self, client: _Client) -> None:
         try:
