@@ -61,6 +61,7 @@ def page(daemon, shots):
         driver.find_element(By.ID, "sign-in").click()
         assert wait_until(lambda: "failed" in driver.current_url, 10)
         assert driver.find_elements(By.ID, "token"), "a wrong token must not open the page"
+        assert "Wrong token" in driver.page_source
         driver.save_screenshot(str(shots / "login.png"))
         time.sleep(1.1)  # one wrong try per second
         driver.find_element(By.ID, "token").send_keys(TOKEN)

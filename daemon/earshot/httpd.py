@@ -167,24 +167,36 @@ class BoundedServer:
     # ------------------------------------------------------------------ selector thread
 
     def _select_loop(self) -> None:
+        errors = 0
         while not self._stop:
-            now = time.monotonic()
-            if self._paused_until and now >= self._paused_until:
-                self._paused_until = 0.0
-                self._sel.register(self.sock, selectors.EVENT_READ)
-            for key, _ in self._sel.select(timeout=0.25):
-                if key.fileobj is self.sock:
-                    self._accept()
-                elif key.fileobj is self._wake_r:
-                    try:
-                        self._wake_r.recv(4096)
-                    except OSError:
-                        pass
-                else:
-                    self._read(key.data)
-            self._expire()
+            try:
+                self._select_once()
+            except Exception:  # noqa: BLE001 - a bug here must not end serving; logged once, then counted
+                self.stats["errors"] += 1
+                errors += 1
+                if errors == 1:
+                    log.exception("%s: the connection loop failed; going on", self.name)
+                time.sleep(0.1)
         for conn in list(self._waiting.values()):
             self._drop(conn)
+
+    def _select_once(self) -> None:
+        """One round: accept, read what arrived, expire what waited too long."""
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._sel.register(self.sock, selectors.EVENT_READ)
+        for key, _ in self._sel.select(timeout=0.25):
+            if key.fileobj is self.sock:
+                self._accept()
+            elif key.fileobj is self._wake_r:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            else:
+                self._read(key.data)
+        self._expire()
 
     def _accept(self) -> None:
         for _ in range(64):  # then let the other sockets have a turn

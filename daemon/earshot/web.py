@@ -134,8 +134,11 @@ class WebApp:
         authorised = self.auth.ok(request)
         if not authorised:
             if method in ("GET", "HEAD") and path == "/" and self.live:
-                return Response(200, self._pages["login.html"], "text/html; charset=utf-8",
-                                [("Cache-Control", "no-store"), *_SECURITY_HEADERS])
+                page = self._pages["login.html"]
+                if "failed" in request.query:
+                    page = page.replace(b"<!--message-->", b'<p class="note" role="alert">Wrong token.</p>')
+                return Response(200, page, "text/html; charset=utf-8", [("Cache-Control", "no-store"),
+                                                                          *_SECURITY_HEADERS])
             return Response(401, b"a token is needed (sign in at /)\n",
                             headers=[("WWW-Authenticate", 'Bearer realm="earshot"')])
         if path.startswith("/clips/") or path == "/clips":
