@@ -5,6 +5,7 @@ MQTT, and the token on every request when bound beyond loopback. Screenshots of 
 
 from __future__ import annotations
 
+import http.client
 import json
 import subprocess
 import sys
@@ -45,8 +46,13 @@ def daemon(tmp_path_factory, tiny_checkpoint, broker):
 
 
 @pytest.fixture(scope="module")
-def shots(tmp_path_factory):
-    return screenshot_dir(tmp_path_factory)
+def shots(tmp_path_factory, request):
+    """The screenshot folder; its path is printed at the end of the module so a person can look."""
+    d = screenshot_dir(tmp_path_factory)
+    yield d
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"\nweb page screenshots: {d}")
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +203,6 @@ def test_control_in_the_page_reaches_mqtt(page, broker, daemon, shots):
 
 def test_control_needs_the_token_and_valid_values(daemon):
     """POST /api/control: refused without the token, refuses NaN and out-of-range thresholds with a reason."""
-    import http.client
-
     def post(body: bytes, headers: dict) -> int:
         conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=10)
         conn.request("POST", "/api/control", body=body, headers=headers)
@@ -268,3 +272,32 @@ def test_threads_do_not_grow_with_pages(daemon):
                                  text=True).stdout.strip() or 0)
     assert 0 < threads < 40, threads
 
+
+
+def test_page_without_clips_or_token(tmp_path, tiny_checkpoint, broker, page, shots):
+    """Loopback, no token, clips off: the page shows live data and the events as they come, with no player
+    and no error; control is not offered and is refused."""
+    from selenium.webdriver.common.by import By
+
+    wav = burst_wav(tmp_path / "bursts.wav", duration_s=12.0, every_s=2.0)
+    d = Daemon(tmp_path, tiny_checkpoint, wav, broker.port, token=None, clips=False)
+    try:
+        d.wait_ready()
+        state = json.loads(d.get("/api/state")[1])
+        assert state["clips"] is False and state["can_control"] is False
+        page.get(f"http://127.0.0.1:{d.port}/")
+        page.find_element(By.CSS_SELECTOR, "nav [data-view=events]").click()
+        assert wait_until(lambda: page.execute_script("return document.querySelectorAll('#events li').length") > 0,
+                          30)
+        assert page.execute_script("return document.querySelectorAll('#events audio, #events img').length") == 0
+        assert page.find_element(By.ID, "no-clips").is_displayed()
+        assert not page.find_element(By.CSS_SELECTOR, "nav [data-view=control]").is_displayed()
+        conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=10)
+        conn.request("POST", "/api/control", body=b'{"source": "yard", "enabled": false}',
+                     headers={"Content-Type": "application/json"})
+        assert conn.getresponse().status == 403  # view-only without a token
+        conn.close()
+        page.save_screenshot(str(shots / "events-without-clips.png"))
+        assert severe_console(page) == []
+    finally:
+        assert d.stop() == 0

@@ -63,7 +63,8 @@ class Daemon:
     """`earshot run` on a config written here; its log goes to a file (a pipe nobody reads would block it)."""
 
     def __init__(self, workdir: Path, model: Path, wav: Path, mqtt_port: int, *, listen_host: str = "127.0.0.1",
-                 token: str | None = TOKEN, extra: str = "", loop: bool = True, nofile: int | None = None) -> None:
+                 token: str | None = TOKEN, extra: str = "", loop: bool = True, nofile: int | None = None,
+                 clips: bool = True) -> None:
         self.dir = workdir
         self.port = free_port()
         self.metrics_port = free_port()
@@ -80,7 +81,7 @@ class Daemon:
             f'[model]\npath = "{model}"\n'
             f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {mqtt_port}\nreconnect_max_s = 2\n'
             f'[zmq]\nenabled = false\n[stdout]\nenabled = true\n'
-            f'[clips]\npre_s = 1.0\npost_s = 1.0\n'
+            f'[clips]\nenabled = {str(clips).lower()}\npre_s = 1.0\npost_s = 1.0\n'
             f'[metrics]\nlisten = "127.0.0.1:{self.metrics_port}"\n'
             f'[web]\nlisten = "{listen_host}:{self.port}"\n{token_line}{extra}'
         )

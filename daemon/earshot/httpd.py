@@ -35,6 +35,7 @@ import selectors
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -112,6 +113,14 @@ class _Conn:
         self.need = 0  # total bytes (head + body) once the head is parsed
 
 
+_SERVERS: weakref.WeakSet[BoundedServer] = weakref.WeakSet()
+
+
+def servers() -> list[BoundedServer]:
+    """The servers running in this process (for the metrics endpoint)."""
+    return [s for s in list(_SERVERS) if not s._stop]
+
+
 def fd_cap(wanted: int) -> int:
     """`wanted`, lowered to leave half the open-file limit (and FD_RESERVE more) to the rest of the daemon."""
     try:
@@ -157,6 +166,7 @@ class BoundedServer:
                           for i in range(max(1, int(workers)))]
         for t in self._threads:
             t.start()
+        _SERVERS.add(self)
 
     @property
     def held(self) -> int:

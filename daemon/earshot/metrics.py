@@ -28,6 +28,7 @@ from .config import split_listen
 from .detect import make_rules
 from .events import EVENT_TYPES, Event
 from .httpd import BoundedServer, Request, Response, text
+from .httpd import servers as httpd_servers
 
 if TYPE_CHECKING:
     from .service import Service
@@ -37,6 +38,8 @@ _LOGGER = logging.getLogger(__name__)
 INFERENCE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Histogram buckets of the per-hop compute time (s): a hop is 0.1 s, so anything near it is trouble."""
 
+_HTTP_COUNTERS = ("accepted", "requests", "refused", "evicted", "timed_out", "disconnects", "bad_requests", "errors")
+"""Counters of each HTTP server (httpd.BoundedServer.stats)."""
 _PUBLISHER_COUNTERS = ("published", "dropped", "dropped_other")
 """Publisher stats that only grow; every other numeric stat (connected, queued, ...) is a gauge."""
 
@@ -226,6 +229,23 @@ class MetricsTap:
         tap_errors.add_metric([], self.errors)
         yield tap_errors
         yield from _publisher_families(service.publisher.stats())
+        yield from _http_families()
+
+
+def _http_families() -> Iterator[Any]:
+    """`earshot_http_connections{server}` and a counter per stat of each bounded HTTP server (httpd.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    held = GaugeMetricFamily("earshot_http_connections", "Connections held by the HTTP server now.",
+                             labels=["server"])
+    counters = {key: CounterMetricFamily(f"earshot_http_{key}", f"HTTP server counter {key!r} (see docs/web.md).",
+                                         labels=["server"]) for key in _HTTP_COUNTERS}
+    for server in httpd_servers():
+        held.add_metric([server.name], server.held)
+        for key, fam in counters.items():
+            fam.add_metric([server.name], server.stats.get(key, 0))
+    yield held
+    yield from counters.values()
 
 
 def _publisher_families(stats: dict[str, dict[str, Any]]) -> Iterator[Any]:
