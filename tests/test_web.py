@@ -285,6 +285,7 @@ def test_page_without_clips_or_token(tmp_path, tiny_checkpoint, broker, page, sh
         d.wait_ready()
         state = json.loads(d.get("/api/state")[1])
         assert state["clips"] is False and state["can_control"] is False
+        assert d.get("/api/state", headers={"Host": "rebound.example:80"})[0] == 403  # DNS rebinding
         page.get(f"http://127.0.0.1:{d.port}/")
         page.find_element(By.CSS_SELECTOR, "nav [data-view=events]").click()
         assert wait_until(lambda: page.execute_script("return document.querySelectorAll('#events li').length") > 0,

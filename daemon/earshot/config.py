@@ -492,16 +492,17 @@ def _check(c: Config) -> list[str]:
     if not 1.0 <= w.timeout_s <= 300.0:  # also refuses NaN
         p.append(f"web.timeout_s: {w.timeout_s} s is outside 1..300")
     listen = web_listen(c)
+    key = "web.listen" if listen == w.listen else "clips.listen"
     address = split_listen(listen, any_port=True)
     if address is None:
-        p.append(f"web.listen: {listen!r} must look like 127.0.0.1:8765 or [::1]:8765 (port 0..65535)")
+        p.append(f"{key}: {listen!r} must look like 127.0.0.1:8765 or [::1]:8765 (port 0..65535)")
     if w.token_file:
         try:
             read_token(w.token_file)
         except ValueError as e:
             p.append(f"web.token_file: {e}")
     elif address is not None and (w.enabled or (k.enabled and k.http)) and not is_loopback(address[0]):
-        p.append(f"web.listen: {listen} is reachable from other machines; set web.token_file (a file holding a "
+        p.append(f"{key}: {listen} is reachable from other machines; set web.token_file (a file holding a "
                  "token or password) or listen on 127.0.0.1 (a reverse proxy can publish it)")
     if split_listen(c.metrics.listen) is None:
         p.append(f"metrics.listen: {c.metrics.listen!r} must look like 127.0.0.1:9721 or [::1]:9721 (port 1..65535)")

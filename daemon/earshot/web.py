@@ -34,7 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from . import __version__
 from .clips import CLIP_ID_RE, clip_index, clip_response
-from .config import read_token, split_listen, web_listen
+from .config import is_loopback, read_token, split_listen, web_listen
 from .detect import make_rules
 from .httpd import BoundedServer, Request, Response, content, text
 from .live import EventLog, LiveHub, WebTap
@@ -131,6 +131,9 @@ class WebApp:
             return self.auth.login(request)
         if method in ("GET", "HEAD") and path == "/static/style.css" and self.live:
             return Response(200, self._pages["style.css"], _STATIC["style.css"], [("Cache-Control", "no-cache")])
+        if not self.auth.required and not _loopback_host(request.headers.get("Host", "")):
+            # No token: only names of this machine, so a web site cannot reach the page by DNS rebinding.
+            return text(403, "without [web] token_file the page answers only to localhost / 127.0.0.1 / [::1]")
         authorised = self.auth.ok(request)
         if not authorised:
             if method in ("GET", "HEAD") and path == "/" and self.live:
@@ -180,7 +183,7 @@ class WebApp:
     def state(self) -> dict:
         """What the page needs to draw itself: sources, labels, thresholds, gate, capabilities."""
         sources = []
-        for s in self.config.active_sources:
+        for s in self.service.config.active_sources:  # the service's: a reload may add sources
             stream = self.service.stream(s.name)
             gate = stream.analyzer.min_level_dbfs if stream is not None else self.config.detect.min_level_dbfs
             sources.append({"name": s.name, "kind": s.kind, "enabled": self.control.enabled(s.name),
@@ -268,6 +271,15 @@ class WebApp:
         """Drop the live pages."""
         if self.hub is not None:
             self.hub.close()
+
+
+def _loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine by a loopback name or address (a port may follow)."""
+    try:
+        name = urlsplit("//" + host).hostname or ""
+    except ValueError:
+        return False
+    return is_loopback(name)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
