@@ -235,7 +235,8 @@ class WebApp:
             error = self.control.set_threshold(source, str(cmd.get("label", "")), str(cmd["threshold"]))
         if error:
             return _json({"error": error}, 400)
-        log.info("web: control %s from %s", {k: v for k, v in cmd.items()}, request.client[0])
+        shown = {k: str(cmd[k])[:40] for k in ("source", "enabled", "label", "threshold") if k in cmd}
+        log.info("web: control %s from %s", shown, request.client[0])
         return _json({"ok": True, "state": self.state()})
 
     def _clip_png(self, request: Request) -> Response:

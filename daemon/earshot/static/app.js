@@ -299,6 +299,15 @@ async function start() {
   await loadEvents();
   connect();
   setInterval(() => { if (!$("#view-events").hidden) loadEvents(); }, 10000);
+  // Changes made elsewhere (MQTT, Home Assistant, another page): badges and thresholds follow.
+  setInterval(async () => {
+    try {
+      state = await getJSON("/api/state");
+      drawSources();
+    } catch (e) {
+      console.warn("state:", e.message);
+    }
+  }, 5000);
 }
 
 start().catch((e) => { document.body.prepend(el("p", "note", "Cannot load the page: " + e.message)); });
