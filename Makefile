@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 CONFIG ?= systemd/earshot.toml
-APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 ffmpeg tmux libasound2-plugins
+APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 ffmpeg tmux libasound2-plugins chromium chromium-driver
 
 .PHONY: run test install install-test apt clean bench install-service
 

@@ -8,8 +8,9 @@ shutdown, with what there is) the samples are copied out and a writer thread enc
 every clip and at start: clips older than `max_age_days` go, then the oldest until the total is
 under `max_total_mb`.
 
-`ClipServer` serves `GET /clips/` (a JSON index, newest first), `GET /clips/<id>.flac` and
-`GET /clips/<id>.json`; anything else is 404. Ids are matched against `[0-9A-Za-z_-]{1,64}`, so
+`clip_response` answers `GET /clips/` (a JSON index, newest first), `GET /clips/<id>.flac` and
+`GET /clips/<id>.json`; anything else is 404. The web server (`web.py`) serves it; `ClipServer`
+serves it alone on the same bounded server. Ids are matched against `[0-9A-Za-z_-]{1,64}`, so
 no request can name a file outside the clip directory.
 """
 
@@ -26,7 +27,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import soundfile as sf
 
 from .analyzer import Hop
 from .events import START, Event
+from .httpd import BoundedServer, Request, Response, content, text
 from .statedir import ensure_private_dir
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ class ClipRecorder:
             if now - mtime > self.max_age_s or total > self.max_total_bytes:
                 f.unlink(missing_ok=True)
                 f.with_suffix(".json").unlink(missing_ok=True)
+                f.with_suffix(".png").unlink(missing_ok=True)  # the web page's spectrogram, if rendered
                 total -= size
                 deleted.append(f.stem)
         if deleted:
@@ -255,54 +257,42 @@ def clip_index(directory: Path) -> list[dict]:
     return out
 
 
-class ClipServer:
-    """Read-only HTTP access to the clips, in a daemon thread (ThreadingHTTPServer)."""
+def clip_response(root: Path, request: Request) -> Response:
+    """`GET /clips/` (the index), `/clips/<id>.flac` or `/clips/<id>.json` from `root`; 404 for anything else."""
+    path = request.path
+    if path in ("/clips", "/clips/"):
+        return Response(200, json.dumps({"clips": clip_index(root)}).encode("utf-8"), "application/json")
+    m = re.match(r"^/clips/([^/]+)\.(flac|json)$", path)
+    if not m or not CLIP_ID_RE.match(m.group(1)):
+        return text(404, "not found")
+    file = root / f"{m.group(1)}.{m.group(2)}"
+    try:
+        if file.resolve().parent != root or not file.is_file():
+            return text(404, "not found")
+        body = file.read_bytes()
+    except OSError:
+        return text(404, "not found")
+    return content(request, body, "audio/flac" if m.group(2) == "flac" else "application/json",
+                   cache="private, max-age=86400")
 
-    def __init__(self, directory: str | os.PathLike, host: str, port: int) -> None:
-        """Bind `host:port` (port 0 = any free one); raises OSError if it cannot."""
+
+class ClipServer:
+    """Read-only HTTP access to the clips alone, on the bounded server (the web page serves them otherwise)."""
+
+    def __init__(self, directory: str | os.PathLike, host: str, port: int, **limits: Any) -> None:
+        """Bind `host:port` (port 0 = any free one); raises OSError if it cannot. `limits`: see BoundedServer."""
         root = Path(directory).resolve()
 
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "earshot-clips"
+        def handle(request: Request) -> Response:
+            if request.method not in ("GET", "HEAD"):
+                return text(405, "method not allowed")
+            return clip_response(root, request)
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                path = self.path.split("?", 1)[0]
-                if path in ("/clips", "/clips/"):
-                    body = json.dumps({"clips": clip_index(root)}).encode("utf-8")
-                    return self._send(200, "application/json", body)
-                m = re.match(r"^/clips/([^/]+)\.(flac|json)$", path)
-                if not m or not CLIP_ID_RE.match(m.group(1)):
-                    return self._send(404, "text/plain", b"not found\n")
-                file = root / f"{m.group(1)}.{m.group(2)}"
-                if file.resolve().parent != root or not file.is_file():
-                    return self._send(404, "text/plain", b"not found\n")
-                try:
-                    body = file.read_bytes()
-                except OSError:
-                    return self._send(404, "text/plain", b"not found\n")
-                return self._send(200, "audio/flac" if m.group(2) == "flac" else "application/json", body)
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base class signature
-                log.debug("clip server: " + format, *args)
-
-        self._server = ThreadingHTTPServer((host, int(port)), Handler)
-        self._server.daemon_threads = True
-        self.host, self.port = self._server.server_address[:2]
+        self._server = BoundedServer(host, int(port), handle, name="clips", **limits)
+        self.host, self.port = self._server.host, self._server.port
         """Bound address (the real port when 0 was asked)."""
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
-                                        name="earshot-clip-http", daemon=True)
-        self._thread.start()
         log.info("serving clips on http://%s:%s/clips/", self.host, self.port)
 
     def close(self, timeout_s: float = 2.0) -> None:
         """Stop serving (bounded)."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout_s)
+        self._server.close(timeout_s)

@@ -7,6 +7,7 @@ user fixes the file in one pass.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -206,9 +207,57 @@ class ClipsConfig:
     max_age_days: float = 30.0
     """Clips older than this are deleted (days)."""
     http: bool = True
-    """Serve the clips read-only over HTTP (`GET /clips/` index, `GET /clips/<id>.flac`)."""
+    """Serve the clips read-only on the web server (`GET /clips/` index, `GET /clips/<id>.flac`)."""
     listen: str = "127.0.0.1:8765"
-    """HTTP address and TCP port (`host:port`; port 0 = any free port); loopback by default."""
+    """Deprecated: use [web] listen (still honoured when [web] listen is not set)."""
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The daemon's HTTP server: the web page, its live feed and the clips, on one port."""
+
+    enabled: bool = True
+    """Serve the web page and its live feed (the clips are served there too while [clips] http = true)."""
+    listen: str = "127.0.0.1:8765"
+    """Address and TCP port (`host:port`, `[v6addr]:port`; port 0 = any free one); loopback by default."""
+    token_file: str | None = None
+    """File whose first line is the token or password (8+ characters); required when `listen` is not
+    loopback; with it every request needs the token, and the page offers run-time control."""
+    workers: int = 4
+    """Threads answering requests (1..32); the live feed has its own thread."""
+    max_connections: int = 256
+    """Connections held at once (8..4096; also kept under half the open-file limit); more get 503."""
+    timeout_s: float = 10.0
+    """Time a client has to send its request, and to take a response (s, 1..300)."""
+
+
+def read_token(path: str | os.PathLike) -> str:
+    """The token in `path` (its first line, stripped); raises ValueError with a one-line reason."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    if len(token) < 8:
+        raise ValueError(f"{path}: the token must be at least 8 characters on the first line")
+    return token
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a literal address or `localhost`) only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to any interface
+
+
+def web_listen(c: Config) -> str:
+    """Where the HTTP server listens: `[web] listen`, or an older file's `[clips] listen` if only that is set."""
+    if c.web.listen == WebConfig.listen and c.clips.listen != ClipsConfig.listen:
+        return c.clips.listen
+    return c.web.listen
 
 
 def _default_state_dir() -> str | None:
@@ -236,6 +285,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     state_dir: str | None = field(default_factory=_default_state_dir)
     """Directory for the MQTT spool, run-time settings and clips; unset = $STATE_DIRECTORY, else none (all in memory)."""
 
@@ -435,6 +485,26 @@ def _check(c: Config) -> list[str]:
         p.append("clips.max_total_mb, clips.max_age_days: must be positive")
     if split_listen(k.listen, any_port=True) is None:
         p.append(f"clips.listen: {k.listen!r} must look like 127.0.0.1:8765 (port 0..65535)")
+    w = c.web
+    if not 1 <= w.workers <= 32:
+        p.append(f"web.workers: {w.workers} is outside 1..32")
+    if not 8 <= w.max_connections <= 4096:
+        p.append(f"web.max_connections: {w.max_connections} is outside 8..4096")
+    if not 1.0 <= w.timeout_s <= 300.0:  # also refuses NaN
+        p.append(f"web.timeout_s: {w.timeout_s} s is outside 1..300")
+    listen = web_listen(c)
+    key = "web.listen" if listen == w.listen else "clips.listen"
+    address = split_listen(listen, any_port=True)
+    if address is None:
+        p.append(f"{key}: {listen!r} must look like 127.0.0.1:8765 or [::1]:8765 (port 0..65535)")
+    if w.token_file:
+        try:
+            read_token(w.token_file)
+        except ValueError as e:
+            p.append(f"web.token_file: {e}")
+    elif address is not None and (w.enabled or (k.enabled and k.http)) and not is_loopback(address[0]):
+        p.append(f"{key}: {listen} is reachable from other machines; set web.token_file (a file holding a "
+                 "token or password) or listen on 127.0.0.1 (a reverse proxy can publish it)")
     if split_listen(c.metrics.listen) is None:
         p.append(f"metrics.listen: {c.metrics.listen!r} must look like 127.0.0.1:9721 or [::1]:9721 (port 1..65535)")
     return p

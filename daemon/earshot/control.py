@@ -175,47 +175,58 @@ class Control:
     def _on_enabled_set(self, topic: str, payload: bytes, retained: bool) -> None:
         if self._replayed(topic, payload, retained):
             return
-        source = self._parse_topic(topic)[0]
-        if source not in self.sources:
-            log.warning("control: no source %r (topic %s); ignored", source, topic)
+        error = self.set_enabled(self._parse_topic(topic)[0], payload.decode("utf-8", "replace"))
+        if error:
+            log.warning("control: %s: %s; ignored", topic, error)
+
+    def _on_threshold_set(self, topic: str, payload: bytes, retained: bool) -> None:
+        if self._replayed(topic, payload, retained):
             return
-        text = payload.decode("utf-8", "replace").strip().lower()
+        source, label = (self._parse_topic(topic) + [""])[:2]
+        error = self.set_threshold(source, label, payload.decode("utf-8", "replace"))
+        if error:
+            log.warning("control: %s: %s; ignored", topic, error)
+
+    # ------------------------------------------------------------------ commands (MQTT and the web page)
+
+    def set_enabled(self, source: str, text: str) -> str | None:
+        """Apply an enable command (`ON`/`OFF`/`default`) as MQTT does; returns why it was refused, or None."""
+        if source not in self.sources:
+            return f"no source {source!r}"
+        text, error = text.strip().lower(), None
         with self._lock:
             if text in _DEFAULT:
                 self._enabled.pop(source, None)
             elif text in _ON or text in _OFF:
                 self._enabled[source] = text in _ON
             else:
-                log.warning("control: %s expects ON or OFF, got %r; ignored", topic, text[:40])
-                text = None
-            if text is not None:
+                error = f"expects ON or OFF, got {text[:40]!r}"
+            if error is None:
                 self._save()
-        self._apply_later(lambda: self._apply_source(source))
+        self._apply_later(lambda: self._apply_source(source))  # an invalid command is answered with the value
+        return error
 
-    def _on_threshold_set(self, topic: str, payload: bytes, retained: bool) -> None:
-        if self._replayed(topic, payload, retained):
-            return
-        source, label = self._parse_topic(topic)[:2]
+    def set_threshold(self, source: str, label: str, text: str) -> str | None:
+        """Apply a threshold command (a number in (0, 1) or `default`) as MQTT does; returns why it was refused."""
         if source not in self.sources or label not in self._configured:
-            log.warning("control: no source %r or label %r (topic %s); ignored", source, label, topic)
-            return
-        text = payload.decode("utf-8", "replace").strip().lower()
+            return f"no source {source!r} or label {label!r}"
+        text, error = text.strip().lower(), None
         with self._lock:
-            changed = True
             if text in _DEFAULT:
                 self._thresholds.get(source, {}).pop(label, None)
             else:
                 try:
                     value = float(text)
-                    if not 0.0 < value < 1.0:
-                        raise ValueError
-                    self._thresholds.setdefault(source, {})[label] = value
                 except ValueError:
-                    log.warning("control: %s expects a number in (0, 1), got %r; ignored", topic, text[:40])
-                    changed = False
-            if changed:
+                    value = float("nan")
+                if 0.0 < value < 1.0:  # also refuses NaN and inf
+                    self._thresholds.setdefault(source, {})[label] = value
+                else:
+                    error = f"expects a number in (0, 1), got {text[:40]!r}"
+            if error is None:
                 self._save()
-        self._apply_later(lambda: self._apply_source(source))
+        self._apply_later(lambda: self._apply_source(source))  # an invalid command is answered with the value
+        return error
 
     def _apply_later(self, fn: Any) -> None:
         """Run `fn` in the worker; before the worker has started, the first tap call applies everything."""

@@ -57,7 +57,7 @@ class Event:
     schema: str = field(default=SCHEMA)
     """Always `earshot.event/1` for this version of the format."""
     clip: str | None = None
-    """Id of the evidence clip of this detection (`GET /clips/<clip>.flac` on the clip server); the key is
+    """Id of the evidence clip of this detection (`GET /clips/<clip>.flac` on the web server); the key is
     left out of the JSON when no clip is recorded, so the payload stays as it was before clips existed."""
 
     def __post_init__(self) -> None:

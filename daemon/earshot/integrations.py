@@ -2,8 +2,8 @@
 
 `attach(service, config, publisher)` is called once by `earshot run` after the Service is built
 and before it starts; it appends the taps (in this order: control, Home Assistant, clips, score
-feed) and registers the MQTT hooks. `Integrations.close()` after the service has stopped writes
-the clips still waiting for post-roll and stops the clip server.
+feed, web page) and registers the MQTT hooks. `Integrations.close()` after the service has stopped
+writes the clips still waiting for post-roll and stops the web server (page, live feed, clips).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .config import split_listen
+from .config import web_listen
 from .publish import PublishError
 from .statedir import ensure_private_dir
 
@@ -34,12 +34,12 @@ class Integrations:
         self.control: Any = None
         self.homeassistant: Any = None
         self.clips: Any = None
-        self.clip_server: Any = None
+        self.web: Any = None
         self.scores: Any = None
 
     def close(self, timeout_s: float = 5.0) -> None:
-        """Flush pending clips and stop the clip server (bounded); never raises."""
-        for part in (self.clips, self.clip_server):
+        """Flush pending clips and stop the web server (bounded); never raises."""
+        for part in (self.clips, self.web):
             if part is None:
                 continue
             try:
@@ -82,7 +82,7 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
     c = config.clips
     clip_dir = Path(c.dir) if c.dir else (state_dir / "clips" if state_dir else None)
     if c.enabled and clip_dir is not None:
-        from .clips import ClipRecorder, ClipServer
+        from .clips import ClipRecorder
 
         try:
             out.clips = ClipRecorder(clip_dir, service.loaded.frontend.sample_rate, c.pre_s, c.post_s,
@@ -94,16 +94,21 @@ def attach(service: Any, config: Any, publisher: Any) -> Integrations:
                       e.strerror)
         if out.clips is not None:
             service.taps.append(out.clips)
-        if out.clips is not None and c.http:
-            address = split_listen(c.listen, any_port=True)
-            assert address is not None, "config validation checks clips.listen"
-            host, port = address
-            try:
-                out.clip_server = ClipServer(clip_dir, host, port)
-            except OSError as e:
+
+    # Clips are served (on the web server) only when the recorder exists: not after a full disk at start.
+    if config.web.enabled or (out.clips is not None and c.http):
+        from .web import WebServer
+
+        try:
+            out.web = WebServer(service, config, out.control, clip_dir, out.clips is not None and c.http)
+        except ValueError as e:  # the token file (check-config reports it first)
+            if out.clips is not None:
                 out.clips.close(1.0)
-                raise PublishError(f"cannot serve clips on {c.listen}: {e.strerror}; set [clips] listen "
-                                   "to another port or http = false") from None
+            raise PublishError(f"web.token_file: {e}") from None
+        except OSError as e:
+            # Like metrics: the page is secondary to detection, so a port in use is one error line.
+            log.error("cannot serve the web page and clips on %s (%s); set [web] listen to a free port; "
+                      "continuing without them", web_listen(config), e.strerror or e)
 
     if zmq is not None and config.zmq.scores:
         from .scores import ScoreFeed

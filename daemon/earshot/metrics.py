@@ -14,14 +14,11 @@ Every series exists from the first scrape (counters at 0) so alerts such as
 
 from __future__ import annotations
 
+import gzip
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import numpy as np
 
@@ -30,6 +27,8 @@ from .analyzer import SILENCE_DBFS, Hop
 from .config import split_listen
 from .detect import make_rules
 from .events import EVENT_TYPES, Event
+from .httpd import BoundedServer, Request, Response, text
+from .httpd import servers as httpd_servers
 
 if TYPE_CHECKING:
     from .service import Service
@@ -39,6 +38,8 @@ _LOGGER = logging.getLogger(__name__)
 INFERENCE_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 """Histogram buckets of the per-hop compute time (s): a hop is 0.1 s, so anything near it is trouble."""
 
+_HTTP_COUNTERS = ("accepted", "requests", "refused", "evicted", "timed_out", "disconnects", "bad_requests", "errors")
+"""Counters of each HTTP server (httpd.BoundedServer.stats)."""
 _PUBLISHER_COUNTERS = ("published", "dropped", "dropped_other", "spool_memory_seconds", "subscribers_cut")
 """Publisher stats that only grow; every other numeric stat (connected, queued, ...) is a gauge."""
 
@@ -228,6 +229,23 @@ class MetricsTap:
         tap_errors.add_metric([], self.errors)
         yield tap_errors
         yield from _publisher_families(service.publisher.stats())
+        yield from _http_families()
+
+
+def _http_families() -> Iterator[Any]:
+    """`earshot_http_connections{server}` and a counter per stat of each bounded HTTP server (httpd.py)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    held = GaugeMetricFamily("earshot_http_connections", "Connections held by the HTTP server now.",
+                             labels=["server"])
+    counters = {key: CounterMetricFamily(f"earshot_http_{key}", f"HTTP server counter {key!r} (see docs/web.md).",
+                                         labels=["server"]) for key in _HTTP_COUNTERS}
+    for server in httpd_servers():
+        held.add_metric([server.name], server.held)
+        for key, fam in counters.items():
+            fam.add_metric([server.name], server.stats.get(key, 0))
+    yield held
+    yield from counters.values()
 
 
 def _publisher_families(stats: dict[str, dict[str, Any]]) -> Iterator[Any]:
@@ -255,31 +273,25 @@ def _publisher_families(stats: dict[str, dict[str, Any]]) -> Iterator[Any]:
 # -- HTTP ---------------------------------------------------------------------------------------
 
 
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class _Server6(_Server):
-    address_family = socket.AF_INET6
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        """Scrapes every 15 s would flood the journal."""
-
-
 class MetricsServer:
-    """The HTTP endpoint serving a registry at `/metrics` from a daemon thread."""
+    """Serves a registry at `/metrics` on the bounded HTTP server (httpd.py: pool, timeouts, connection cap)."""
 
     def __init__(self, host: str, port: int, registry: Any) -> None:
-        from prometheus_client import make_wsgi_app
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        cls = _Server6 if ":" in host else _Server
-        self.httpd = make_server(host, port, make_wsgi_app(registry), server_class=cls, handler_class=_QuietHandler)
-        self.host, self.port = host, self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, name="earshot-metrics", daemon=True)
-        self.thread.start()
+        def handle(request: Request) -> Response:
+            if request.method not in ("GET", "HEAD"):
+                return text(405, "method not allowed")
+            if request.path not in ("/metrics", "/"):
+                return text(404, "not found; metrics are at /metrics")
+            body = generate_latest(registry)
+            headers = []
+            if "gzip" in request.headers.get("Accept-Encoding", ""):
+                body, headers = gzip.compress(body, 5), [("Content-Encoding", "gzip")]
+            return Response(200, body, CONTENT_TYPE_LATEST, headers)
+
+        self.httpd = BoundedServer(host, port, handle, name="metrics", workers=2, max_connections=64)
+        self.host, self.port = host, self.httpd.port
 
     @property
     def url(self) -> str:
@@ -287,10 +299,8 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        """Stop serving (bounded by the server's 0.5 s poll) and release the port."""
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self.thread.join(2.0)
+        """Stop serving (bounded) and release the port."""
+        self.httpd.close()
 
 
 def attach_metrics(service: Service) -> MetricsServer | None:

@@ -265,7 +265,7 @@ class Service:
             _LOGGER.error("reload ignored: %s", e)
             self.notifier.ready("reload ignored: invalid configuration")
             return
-        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node", "metrics"):
+        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node", "metrics", "web"):
             if getattr(new, section) != getattr(self.config, section):
                 _LOGGER.warning("reload: [%s] changed; restart earshot to apply it", section)
         old_sources = {s.name: s for s in self.config.active_sources}
@@ -296,7 +296,7 @@ class Service:
             stream.capture.stop()
         self.config = replace(new, model=self.config.model, frontend=self.config.frontend, mqtt=self.config.mqtt,
                               zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node,
-                              metrics=self.config.metrics)
+                              metrics=self.config.metrics, web=self.config.web)
         _LOGGER.info("configuration reloaded: %d source(s) kept, %d started, %d stopped",
                      len(keep), len(added), len(gone))
         self.notifier.ready(f"listening on {', '.join(s.name for s in self.config.active_sources)}")
