@@ -187,7 +187,7 @@ def build_cache(args, stage1) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int):
+def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int, weight_decay: float = 1e-3):
     """The confirm head on cached tagger outputs; returns (head, training summary)."""
     import torch
 
@@ -200,8 +200,8 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
     head.set_normalization(x.mean(0), x.std(0) + 1e-3)
     pos = (y * m).sum(0)
     neg = ((1 - y) * m).sum(0)
-    pos_weight = torch.clamp(neg / pos.clamp(min=1), max=10.0)
-    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=1e-3)
+    pos_weight = None  # calibrated thresholds set the operating point; boosting positives only inflates scores
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=weight_decay)
     n = len(x)
     steps = epochs * (n // 256 + 1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -252,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trigger", type=float, default=0.1, help="stage-1 score that asks the confirmer")
     ap.add_argument("--p-opus", type=float, default=0.3, help="share of windows round-tripped through Opus")
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--hidden", type=int, default=0, help="hidden units of the head (0: linear)")
+    ap.add_argument("--weight-decay", type=float, default=1e-3)
+    ap.add_argument("--reuse-hops", type=int, default=5, help="hops a confirmation stands while its class stays triggered")
     ap.add_argument("--heldout-sources", default=None,
                     help="comma-separated sources never trained on (default: data.HELDOUT_SOURCES)")
     ap.add_argument("--seed", type=int, default=0)
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cache:
             Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
             np.savez(args.cache, **cache)
-    head, summary = train_head(cache, args.seed, args.epochs, args.hidden)
+    head, summary = train_head(cache, args.seed, args.epochs, args.hidden, args.weight_decay)
     log.info("head trained: %s", summary)
     import torch
 
@@ -281,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tagger = MobileNetTagger()
     tagger.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True), strict=True)
-    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels})
+    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
+                          reuse_hops=args.reuse_hops)
     prov = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
             "pretrained": "EfficientAT mn04_as (AudioSet, mAP 0.432), MIT licence, frozen",

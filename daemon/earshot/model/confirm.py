@@ -34,13 +34,17 @@ class ConfirmError(ValueError):
 
 
 class ConfirmHead(nn.Module):
-    """[tagger embedding | 527 tag logits] -> class logits: a normalised two-layer MLP."""
+    """[tagger embedding | 527 tag logits] -> class logits: normalised, then linear (`hidden` = 0, the
+    default: a logistic regression on what AudioSet taught the tagger) or a two-layer MLP."""
 
     def __init__(self, in_dim: int, hidden: int, n_classes: int):
         super().__init__()
         self.register_buffer("shift", torch.zeros(in_dim))
         self.register_buffer("scale", torch.ones(in_dim))
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, n_classes))
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(0.3), nn.Linear(hidden, n_classes))
+        else:
+            self.net = nn.Sequential(nn.Dropout(0.2), nn.Linear(in_dim, n_classes))
         self.in_dim, self.hidden, self.n_classes = in_dim, hidden, n_classes
 
     def set_normalization(self, shift: torch.Tensor, scale: torch.Tensor) -> None:
@@ -125,7 +129,7 @@ def from_dict(d: Any, labels: list[str]) -> Confirmer:
         tdims = MnDims(**d["tagger_dims"])
         hd = d["head_dims"]
         if not (0 < tdims.width <= 2 and 0 < tdims.n_mels <= 256 and 0 < tdims.n_classes <= 10000
-                and 0 < int(hd["hidden"]) <= 4096 and hd["n_classes"] == len(labels)):
+                and 0 <= int(hd["hidden"]) <= 4096 and hd["n_classes"] == len(labels)):
             raise ConfirmError(f"confirm section: implausible dims {d['tagger_dims']} / {hd}")
         window_s, reuse = float(d["window_s"]), int(d["reuse_hops"])
         if not (0.2 <= window_s <= 10.0 and 1 <= reuse <= 100):
