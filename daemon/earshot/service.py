@@ -215,7 +215,8 @@ class Service:
         self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop)
         self.worker.start()
         names = ", ".join(s.source.name for s in self.streams)
-        _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
+        labels = [label for label in self.loaded.labels if label in (self.config.detect.labels or self.loaded.labels)]
+        _LOGGER.info("listening on %s for %s", names, ", ".join(labels))
         self.notifier.ready(f"listening on {names}")
 
     def _analyzer(self, source: SourceConfig, config: Config | None = None) -> StreamAnalyzer:
@@ -290,6 +291,10 @@ class Service:
             for stream in self.streams:
                 stream.analyzer.detector.set_rules(rules)
                 stream.analyzer.min_level_dbfs = new.detect.min_level_dbfs
+            for tap in self.taps:  # run-time settings (MQTT thresholds) go back on top of the file's
+                on_reload = getattr(tap, "on_reload", None)
+                if on_reload is not None:
+                    on_reload(new)
 
         self.worker.call_soon(apply)
         for stream in gone:

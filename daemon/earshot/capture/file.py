@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 
 from ..resample import StreamingResampler
+from ..config import readable_file_problem
 from .base import Capture, CaptureError, _Pacer
 
 if TYPE_CHECKING:  # only for annotations: capture works with any object with these attributes
@@ -41,6 +42,8 @@ class FileCapture(Capture):
         path = self.cfg.path
         if not path:
             raise CaptureError(f"source '{self.name}' has kind = \"file\" but no path: set `path`")
+        if why := readable_file_problem(str(path)):
+            raise CaptureError(f"source '{self.name}': {why}")
         try:
             self._file = sf.SoundFile(str(path))
         except _SF_ERRORS as exc:
@@ -103,6 +106,8 @@ def iter_file_blocks(path: str | os.PathLike[str], target_rate: int, block_s: fl
     first block; a file corrupt in the middle yields everything decoded before the
     corruption and then raises `CaptureError` (so the caller can report partial results).
     """
+    if why := readable_file_problem(str(path)):
+        raise CaptureError(why)
     try:
         f = sf.SoundFile(str(path))
     except _SF_ERRORS as exc:
