@@ -204,7 +204,7 @@ def test_missing_file_and_directory(tmp_path, command):
         args = ["monitor", "--file", target, "--duration", "1"] if command == "monitor" else [command, target]
         if command == "plot":
             args += ["-o", tmp_path / "out.png"]
-        one_line_error(earshot(*args), 1, f"{target}: {why}")
+        one_line_error(earshot(*args), 1, f"earshot: cannot read {target}: {why}")
 
 
 # ---------------------------------------------------------------- item 7: plot -o
@@ -323,3 +323,24 @@ def test_reload_keeps_thresholds_set_over_mqtt(tmp_path, mosquitto, wav):
             _, err = proc.communicate()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+# ---------------------------------------------------------------- item 14: plot of a short clip
+
+def test_plot_of_a_short_clip_shows_waveform_thresholds_and_untinted_spectrogram(wav):
+    """Under 2.5 s the waveform is drawn; the legend sits above the threshold lines; no span tints the spectrogram."""
+    from earshot.backend import load_model
+    from earshot.modelspec import default_model_path
+    from earshot.plot import analyse, figure
+
+    samples, _ = sf.read(wav, dtype="float32")
+    fig = figure(analyse(samples, load_model(default_model_path())), title="clip.wav")
+    wave, _, mel, score, _ = fig.axes[:5]
+    assert wave.get_lines() and np.ptp(wave.get_lines()[0].get_ydata()) > 0.1
+    assert not mel.patches and score.patches  # the detection is shaded on the scores, not the spectrogram
+    fig.canvas.draw()
+    legend = score.get_legend().get_window_extent()
+    for line in score.get_lines():
+        if line.get_linestyle() == "--":
+            y = score.transData.transform((0.5, line.get_ydata()[0]))[1]
+            assert y < legend.y0, "the legend covers a threshold line"

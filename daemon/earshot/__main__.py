@@ -227,7 +227,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     else:
         config = _config(args.config)
         if args.file and (why := readable_file_problem(args.file)):
-            print(f"earshot: {why}", file=sys.stderr)
+            print(f"earshot: cannot read {why}", file=sys.stderr)
             return 1
         if args.file:
             source = SourceConfig(name="file", kind="file", path=args.file, realtime=not args.fast, loop=args.loop)

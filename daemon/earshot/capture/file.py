@@ -43,7 +43,7 @@ class FileCapture(Capture):
         if not path:
             raise CaptureError(f"source '{self.name}' has kind = \"file\" but no path: set `path`")
         if why := readable_file_problem(str(path)):
-            raise CaptureError(f"source '{self.name}': {why}")
+            raise CaptureError(f"cannot read {why}")
         try:
             self._file = sf.SoundFile(str(path))
         except _SF_ERRORS as exc:
@@ -107,7 +107,7 @@ def iter_file_blocks(path: str | os.PathLike[str], target_rate: int, block_s: fl
     corruption and then raises `CaptureError` (so the caller can report partial results).
     """
     if why := readable_file_problem(str(path)):
-        raise CaptureError(why)
+        raise CaptureError(f"cannot read {why}")
     try:
         f = sf.SoundFile(str(path))
     except _SF_ERRORS as exc:
