@@ -344,3 +344,53 @@ def test_plot_of_a_short_clip_shows_waveform_thresholds_and_untinted_spectrogram
         if line.get_linestyle() == "--":
             y = score.transData.transform((0.5, line.get_ydata()[0]))[1]
             assert y < legend.y0, "the legend covers a threshold line"
+
+
+# ---------------------------------------------------------------- issue 13 item 4: a device reopening
+
+class _ReopeningCapture:
+    """A fake capture (unit level): quiet audio, then the device "reopens" with 20 dB more gain."""
+
+    def __init__(self) -> None:
+        rng = np.random.default_rng(0)
+        self.blocks = [rng.normal(0, 0.003, 1600).astype(np.float32) for _ in range(30)]
+        self.loud = [rng.normal(0, 0.3, 1600).astype(np.float32) for _ in range(30)]
+        self.reopens, self.restarts, self.finished = 0, 0, False
+
+    def read(self, timeout_s: float) -> np.ndarray:
+        if not self.blocks and self.loud:
+            self.reopens += 1
+            self.blocks, self.loud = self.loud, []
+        if not self.blocks:
+            self.finished = True
+            return np.zeros(0, np.float32)
+        return self.blocks.pop(0)
+
+
+@pytest.mark.parametrize("restart", [True, False])
+def test_level_starts_again_after_a_device_reopens(restart, monkeypatch):
+    """After a reopen the worker restarts the running level, so the new device's audio is not scored
+    against the old one's level (with the old level, its features sit 4-5 (ln units, about 20 dB) too high)."""
+    import threading
+
+    from earshot.analyzer import StreamAnalyzer
+    from earshot.backend import load_model
+    from earshot.config import DetectConfig, FrontendConfig, SourceConfig
+    from earshot.modelspec import default_model_path
+    from earshot.service import Stream, Worker
+
+    if not restart:
+        monkeypatch.setattr(Stream, "restarted", lambda self: False)
+    loaded = load_model(default_model_path())
+    hops = []
+    analyzer = StreamAnalyzer(loaded, FrontendConfig(), DetectConfig(), source="m", node="n", on_hop=hops.append)
+    worker = Worker([Stream(SourceConfig(), _ReopeningCapture(), analyzer)], loaded, lambda e: None, [],
+                    threading.Event())
+    while not worker.streams[0].capture.finished:
+        worker._step()
+    after = [h.mel.mean() for h in hops if h.t_end > 4.5]  # windows well inside the new device's audio
+    assert after
+    if restart:
+        assert abs(np.mean(after)) < 1.0
+    else:
+        assert np.mean(after) > 3.0

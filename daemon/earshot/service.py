@@ -84,6 +84,16 @@ class Stream:
     events: int = 0
     enabled: bool = True
     """False while disabled at run time: audio is still drained (no overrun) but not analysed."""
+    restarts_seen: int = 0
+    """Device reopenings and stream restarts already seen: after one, the running level starts again."""
+
+    def restarted(self) -> bool:
+        """True once after the capture reopened its device or restarted its stream (another room or gain)."""
+        n = getattr(self.capture, "reopens", 0) + getattr(self.capture, "restarts", 0)
+        if n == self.restarts_seen:
+            return False
+        self.restarts_seen = n
+        return True
 
 
 class Worker(threading.Thread):
@@ -154,6 +164,8 @@ class Worker(threading.Thread):
                     continue  # drained so the ring cannot overrun, but not analysed
                 for tap in self.taps:
                     tap.on_audio(stream.source.name, samples)
+                if stream.restarted():
+                    stream.analyzer.features.restart_level()  # no scoring against the old device's level
                 frames[i] = stream.analyzer.frames(samples)
                 fed.append(i)
             elif stream.capture.finished:
