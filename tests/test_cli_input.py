@@ -394,3 +394,32 @@ def test_level_starts_again_after_a_device_reopens(restart, monkeypatch):
         assert abs(np.mean(after)) < 1.0
     else:
         assert np.mean(after) > 3.0
+
+
+# ---------------------------------------------------------------- item 14: install-service from /tmp
+
+def test_install_service_from_tmp_warns(tmp_path):
+    out = earshot("install-service", "--dry-run", "--root", tmp_path / "root", "--exec", "/tmp/earshot/.venv/bin/earshot")
+    assert out.returncode == 0, out.stderr
+    assert ("warning: /tmp/earshot/.venv/bin/earshot is under /tmp, which the unit replaces with an empty private "
+            "folder (PrivateTmp=yes)") in out.stdout
+
+
+# ---------------------------------------------------------------- item 14: docs that agree with the program
+
+def test_docs_agree_with_the_program():
+    root = Path(__file__).resolve().parents[1]
+    deploy = (root / "docs" / "deploy.md").read_text()
+    trouble = (root / "docs" / "troubleshooting.md").read_text()
+    readme = (root / "README.md").read_text()
+    mqtt_src = (root / "daemon" / "earshot" / "publish" / "mqtt.py").read_text()
+    assert "only read" not in deploy and "mqtt-spool.sqlite3" in deploy and "[clips] enabled = false" in deploy
+    assert "queued in memory" not in trouble and "mqtt-spool.sqlite3" in trouble
+    # The refusal line troubleshooting quotes is the one the publisher logs.
+    assert "MQTT broker refused the connection: not authorized (check username/password)" in trouble
+    assert '"MQTT broker refused the connection: %s"' in mqtt_src and '"not authorized": " (check username/password)"' in mqtt_src
+    unit = (root / "systemd" / "earshot.service").read_text()
+    assert "security earshot.service` -> 1.5" in unit and "exposure of 1.5" in readme
+    assert "useradd" not in readme  # one way to install the service: make install-service
+    assert "mp3" in readme and "Bad input" in readme and "padded in front" in readme
+    assert '"thresholds":[0.99,0.95,0.9]' in readme
