@@ -50,6 +50,14 @@ def glass_clip(seed: int = 1, seconds: float = 1.0) -> np.ndarray:
     return x.astype(np.float32)
 
 
+def shipped_model():
+    """The shipped model through the CLI's own loader (one place, wherever the model layer lives)."""
+    from earshot.__main__ import _load_model
+    from earshot.config import Config
+
+    return _load_model(Config())
+
+
 @pytest.fixture
 def wav(tmp_path) -> Path:
     path = tmp_path / "clip.wav"
@@ -329,12 +337,10 @@ def test_reload_keeps_thresholds_set_over_mqtt(tmp_path, mosquitto, wav):
 
 def test_plot_of_a_short_clip_shows_waveform_thresholds_and_untinted_spectrogram(wav):
     """Under 2.5 s the waveform is drawn; the legend sits above the threshold lines; no span tints the spectrogram."""
-    from earshot.backend import load_model
-    from earshot.modelspec import default_model_path
     from earshot.plot import analyse, figure
 
     samples, _ = sf.read(wav, dtype="float32")
-    fig = figure(analyse(samples, load_model(default_model_path())), title="clip.wav")
+    fig = figure(analyse(samples, shipped_model()), title="clip.wav")
     wave, _, mel, score, _ = fig.axes[:5]
     assert wave.get_lines() and np.ptp(wave.get_lines()[0].get_ydata()) > 0.1
     assert not mel.patches and score.patches  # the detection is shaded on the scores, not the spectrogram
@@ -374,14 +380,12 @@ def test_level_starts_again_after_a_device_reopens(restart, monkeypatch):
     import threading
 
     from earshot.analyzer import StreamAnalyzer
-    from earshot.backend import load_model
     from earshot.config import DetectConfig, FrontendConfig, SourceConfig
-    from earshot.modelspec import default_model_path
     from earshot.service import Stream, Worker
 
     if not restart:
         monkeypatch.setattr(Stream, "restarted", lambda self: False)
-    loaded = load_model(default_model_path())
+    loaded = shipped_model()
     hops = []
     analyzer = StreamAnalyzer(loaded, FrontendConfig(), DetectConfig(), source="m", node="n", on_hop=hops.append)
     worker = Worker([Stream(SourceConfig(), _ReopeningCapture(), analyzer)], loaded, lambda e: None, [],
