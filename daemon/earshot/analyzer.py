@@ -169,10 +169,9 @@ class _Analyzer:
         return self.detector.update(t_end, scores)
 
     def _first_sample_needed(self, next_end_frame: int) -> int:
-        """Oldest sample a window ending at `next_end_frame` or later still needs for its level; a hop
-        earlier, for the window `finish` may score at the end of the audio."""
+        """Oldest sample a window ending at `next_end_frame` or later still needs for its level."""
         p = self.params
-        return (next_end_frame - 1) * p.hop_length + p.win_length - 2 * self.hop_samples
+        return (next_end_frame - 1) * p.hop_length + p.win_length - self.hop_samples
 
 
 class StreamAnalyzer(_Analyzer):
@@ -214,7 +213,7 @@ class StreamAnalyzer(_Analyzer):
             hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
             events += self._hop(end_frame, scores, hop_mel.mean(axis=0) if len(hop_mel) else hop_mel)
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
-        self.audio.keep_from(self._first_sample_needed(next_end))
+        self.audio.keep_from(self._first_sample_needed(next_end - self.hop_frames))  # a hop more, for `finish`
         return events
 
     def _keep_window(self, frames: np.ndarray) -> None:
@@ -266,7 +265,7 @@ class BatchAnalyzer(_Analyzer):
         keep = max(0, self.next_end - p.chunk_frames - self.hop_frames)  # a hop more, for `finish`
         self.frames = self.frames[keep - self.frames_start:]
         self.frames_start = keep
-        self.audio.keep_from(self._first_sample_needed(self.next_end))
+        self.audio.keep_from(self._first_sample_needed(self.next_end - self.hop_frames))  # a hop more, for `finish`
         return events
 
     def _score_end(self) -> list[Event]:
