@@ -9,9 +9,11 @@ APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 
 .PHONY: run test install install-test apt clean bench install-service
 
 $(VENV)/.installed: pyproject.toml
+	@echo "earshot: installing into $(VENV) (numpy, scipy, torch: a minute or more the first time)..."
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e .
+	$(PIP) install -e .
+	@echo "earshot: installed; $(VENV)/bin/earshot --help lists the commands"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
@@ -31,6 +33,7 @@ apt:
 	else echo "not root: skipping apt packages ($(APT_PACKAGES)); tests that need them will be skipped"; fi
 
 run: install
+	@echo "earshot: starting with $(CONFIG) (Ctrl-C stops; make run CONFIG=FILE for another configuration)"
 	$(VENV)/bin/earshot run --config $(CONFIG) --demo-if-no-device
 
 test: apt $(VENV)/.installed-test

@@ -49,7 +49,9 @@ def test_stream_equals_batch(random_model):
     live_hops, live_events = _run(StreamAnalyzer, random_model, audio, [320] * 600, detect)
     file_hops, file_events = _run(BatchAnalyzer, random_model, audio, [7 * 16000] * 2, detect)
     frames = 1 + (len(audio) - 400) // 160
-    assert len(live_hops) == len(file_hops) == 1 + (frames - 100) // 10
+    # Windows every 10 frames from frame 100, plus one ending at the last frame for the partial hop.
+    assert len(live_hops) == len(file_hops) == 1 + (frames - 100) // 10 + (1 if (frames - 100) % 10 else 0)
+    assert live_hops[-1].t_end == pytest.approx(((frames - 1) * 160 + 400) / 16000)
     assert [h.t_end for h in live_hops] == pytest.approx([h.t_end for h in file_hops])
     np.testing.assert_allclose(np.stack([h.scores for h in live_hops]), np.stack([h.scores for h in file_hops]),
                                atol=1e-5)
@@ -73,7 +75,8 @@ def test_first_hop_and_timing(random_model):
     """The first window ends after chunk_size (plus the frame tail); hops are chunk_hop apart."""
     hops, _ = _run(StreamAnalyzer, random_model, np.zeros(3 * 16000, np.float32), [16000] * 3, DetectConfig())
     assert hops[0].t_end == pytest.approx((99 * 160 + 400) / 16000)
-    assert np.diff([h.t_end for h in hops]) == pytest.approx(0.1)
+    assert np.diff([h.t_end for h in hops[:-1]]) == pytest.approx(0.1)
+    assert hops[-1].t_end == pytest.approx((297 * 160 + 400) / 16000)  # the last partial hop, scored by `finish`
 
 
 def test_silence_is_gated(random_model):

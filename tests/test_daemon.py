@@ -167,7 +167,8 @@ def test_sigterm_stops_cleanly(tmp_path, tiny_checkpoint, mosquitto):
 
 @pytest.mark.parametrize("body, code, needle", [
     ('[[source]]\nname = "m"\nkind = "mic"\ndevice = "no-such-device-xyz"\n', 1, "device"),
-    ('[[source]]\nname = "f"\nkind = "file"\npath = "/nonexistent.wav"\n', 1, "/nonexistent.wav"),
+    # A file the config names is checked with the config (exit 2), before anything starts.
+    ('[[source]]\nname = "f"\nkind = "file"\npath = "/nonexistent.wav"\n', 2, "/nonexistent.wav: no such file"),
     ('[detect]\nhold_s = -1\n[bogus]\n', 2, "detect.hold_s"),
     ('[frontend]\nchunk_size = 2.0\n', 2, "chunk_size"),
 ])
@@ -181,12 +182,13 @@ def test_user_errors_are_one_line(tmp_path, tiny_checkpoint, body, code, needle)
 
 
 def test_missing_model_and_corrupt_audio(tmp_path, tiny_checkpoint):
-    """A missing model file says where it looked; a corrupt audio file is reported and the others still run."""
+    """A missing model file is a configuration error naming it; a corrupt audio file is reported and the others
+    still run."""
     cfg = tmp_path / "c.toml"
     cfg.write_text('[model]\npath = "/nope/model.pt"\n[mqtt]\nenabled = false\n[zmq]\nenabled = false\n')
     proc = _earshot("detect", "-c", str(cfg), "x.wav")
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 1 and "/nope/model.pt" in err and "Traceback" not in err
+    assert proc.returncode == 2 and "model.path: /nope/model.pt: no such file" in err and "Traceback" not in err
 
     corrupt = tmp_path / "corrupt.wav"
     corrupt.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunkjunkjunk")
@@ -196,7 +198,9 @@ def test_missing_model_and_corrupt_audio(tmp_path, tiny_checkpoint):
     proc = _earshot("detect", "-c", str(cfg), str(corrupt), str(good))
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "corrupt.wav" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    lines = err.strip().splitlines()  # the corrupt file's error, then the good file's summary
+    assert "Traceback" not in err and len(lines) == 2 and "corrupt.wav" in lines[0]
+    assert lines[1].startswith(f"earshot: {good}: 6.0 s, ") and "detection(s)" in lines[1]
     assert all(json.loads(line)["file"] == str(good) for line in out.splitlines()) and out.strip()
 
 

@@ -90,7 +90,10 @@ def test_frame_count(n: int) -> None:
     assert frames_in(n, P) == expected
     assert log_mel(x, P).shape == (expected, P.n_mels)
     assert features(x, P).shape == (expected, P.n_mels)
-    assert StreamingFeatures(P).push(x).shape == (expected, P.n_mels)
+    sf = StreamingFeatures(P)
+    # Fewer frames than one window are held back for the level's start until flush().
+    assert len(sf.push(x)) == (expected if expected >= P.chunk_frames else 0)
+    assert len(sf.flush()) == (0 if expected >= P.chunk_frames else expected)
 
 
 def test_frame_i_covers_its_samples() -> None:
@@ -122,7 +125,8 @@ def test_gain_invariance(gain: float) -> None:
 
 
 def test_level_is_causal_running_mean() -> None:
-    """The subtracted level is a causal EMA of per-frame mean log-mel, starting at frame 0's mean."""
+    """The subtracted level is a causal EMA of per-frame mean log-mel, starting at the median of the
+    first window's frame means."""
     x = _noise(2.0)
     lm = log_mel(x, P).astype(np.float64)
     level = lm - features(x, P)  # every bin carries the same level
@@ -130,14 +134,14 @@ def test_level_is_causal_running_mean() -> None:
     m = lm.mean(axis=1)
     a = P.level_alpha
     ref = np.empty_like(m)
-    ref[0] = m[0]
+    ref[0] = a * np.median(m[: P.chunk_frames]) + (1 - a) * m[0]
     for t in range(1, len(m)):
         ref[t] = a * ref[t - 1] + (1 - a) * m[t]
     np.testing.assert_allclose(level[:, 0], ref, atol=1e-5)
     # Causality: a loud burst later does not change earlier features.
     y = x.copy()
-    y[16000:] *= 10
-    np.testing.assert_array_equal(features(y, P)[:90], features(x, P)[:90])
+    y[17000:] *= 10  # after the first window, which sets the level's start
+    np.testing.assert_array_equal(features(y, P)[:104], features(x, P)[:104])
 
 
 @settings(max_examples=40, deadline=None)
@@ -159,6 +163,7 @@ def test_streaming_equals_offline(seed: int, sizes: list[int]) -> None:
             break
     if pos < len(x):
         out.append(sf.push(x[pos:]))
+    out.append(sf.flush())
     got = np.concatenate(out)
     assert got.dtype == np.float32
     assert got.shape == ref.shape
@@ -170,11 +175,11 @@ def test_streaming_one_sample_at_a_time_and_reset() -> None:
     """1-sample pushes give the offline frames; reset() starts a new stream from scratch."""
     x = _noise(0.3)
     sf = StreamingFeatures(P)
-    got = np.concatenate([sf.push(x[i : i + 1]) for i in range(len(x))])
+    got = np.concatenate([sf.push(x[i : i + 1]) for i in range(len(x))] + [sf.flush()])
     np.testing.assert_allclose(got, features(x, P), atol=1e-5, rtol=0)
     sf.reset()
     assert sf.frames_out == 0
-    y = _noise(0.3, seed=7)
+    y = _noise(1.3, seed=7)
     np.testing.assert_allclose(sf.push(y), features(y, P), atol=1e-5, rtol=0)
 
 
@@ -189,7 +194,8 @@ def test_streaming_keeps_short_tail() -> None:
         sf.push(x[pos : pos + n])
         pos += n
         assert len(sf._tail) < P.win_length
-        assert sf.frames_out == frames_in(min(pos, len(x)), P)
+        n = frames_in(min(pos, len(x)), P)
+        assert sf.frames_out == (n if n >= P.chunk_frames else 0)  # the first window waits for the level
 
 
 def test_rejects_non_mono() -> None:
@@ -198,3 +204,35 @@ def test_rejects_non_mono() -> None:
         features(np.zeros((1000, 2), dtype=np.float32), P)
     with pytest.raises(ValueError, match="mono"):
         StreamingFeatures(P).push(np.zeros((1000, 2), dtype=np.float32))
+
+
+def test_level_start_ignores_a_silent_lead_in() -> None:
+    """A stream that opens on digital silence (a sound card starting, a file with a silent lead-in)
+    does not make the next seconds look louder than they are: the level starts at the first window's
+    median, so 30 ms of zeros change the features of the sound that follows by < 0.05."""
+    x = _noise(3.0, std=0.05, seed=3)
+    lead = np.concatenate([np.zeros(480, dtype=np.float32), x])
+    a = features(x, P)
+    b = features(lead, P)[3:]  # 480 samples = 3 frames
+    assert np.abs(b[: len(a)] - a).mean() < 0.05
+    # With the old start (the first frame's mean), the same lead-in biased them by about 7 (ln units).
+    lm = log_mel(lead, P).astype(np.float64)
+    m = lm.mean(axis=1)
+    lev, prev = np.empty_like(m), m[0]
+    for t, v in enumerate(m):
+        prev = lev[t] = P.level_alpha * prev + (1 - P.level_alpha) * v
+    assert np.abs((lm - lev[:, None])[3:103] - a[:100]).mean() > 3.0
+
+
+def test_restart_level_starts_again_from_the_next_window() -> None:
+    """After a device reopens (another gain), the level starts from the new audio's first window."""
+    quiet = _noise(2.0, std=0.001, seed=4)
+    loud = _noise(1.5, std=0.3, seed=5)
+    restarted, carried = StreamingFeatures(P), StreamingFeatures(P)
+    for sf in (restarted, carried):
+        sf.push(quiet)
+    restarted.restart_level()
+    got, stale = restarted.push(loud), carried.push(loud)
+    assert len(got) >= P.chunk_frames
+    assert abs(got[5:].mean() - features(loud, P).mean()) < 0.1
+    assert stale[5:].mean() - features(loud, P).mean() > 3.0  # the old level made it look 10+ dB louder

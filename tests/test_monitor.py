@@ -163,7 +163,7 @@ def test_monitor_attached_to_a_zmq_score_feed_in_tmux(tmux):
             mel = (np.sin(np.arange(64) / 5 + t) * 3).tolist()
             msg = {"schema": SCORES_SCHEMA, "node": "testnode", "source": "yard", "t_end": t, "time": time.time(),
                    "level_dbfs": -31.5, "labels": LABELS, "scores": [0.12, 0.83, 0.05],
-                   "thresholds": [0.55, 0.65, 0.75], "mel": mel}
+                   "thresholds": [0.55, 0.65, 0.75], "mel": mel, "gate_dbfs": -62.0}
             pub.send_multipart([b"scores.yard", json.dumps(msg).encode()])
             # Another source on the same feed must not be mixed into the view of "yard".
             pub.send_multipart([b"scores.porch", json.dumps({**msg, "source": "porch", "scores": [1, 1, 1]}).encode()])
@@ -178,6 +178,7 @@ def test_monitor_attached_to_a_zmq_score_feed_in_tmux(tmux):
         screen = capture()
         assert "testnode/yard" in screen
         assert re.search(r"level\s+-31\.5 dBFS", screen), screen
+        assert "| gate -62" in screen, screen  # the daemon's level gate, from the feed
         assert re.search(r"^glass_break\s+0\.83 ▕.*▏ 0\.65\s+● ACTIVE", screen, re.M), screen
         assert re.search(r"^alarm\s+0\.12 ▕.*▏ 0\.55", screen, re.M), screen
         assert re.search(r"^gunshot\s+0\.05 ▕.*▏ 0\.75", screen, re.M), screen

@@ -38,7 +38,9 @@ def test_figure_has_the_panels_curves_thresholds_and_spans(scene, tiny_model):
     assert "scene.wav" in fig._suptitle.get_text()
 
     score_ax = axes[3]
-    curves = {line.get_label(): line for line in score_ax.get_lines() if not line.get_label().startswith("_")}
+    # Legend entries read "label (threshold 0.55)": the curve's name, then its threshold.
+    curves = {line.get_label().split(" (")[0]: line for line in score_ax.get_lines()
+              if not line.get_label().startswith("_")}
     assert sorted(curves) == sorted(tiny_model.labels)
     times, scores, _levels = score_samples(audio, tiny_model)
     for i, label in enumerate(tiny_model.labels):

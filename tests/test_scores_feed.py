@@ -16,7 +16,7 @@ from inproc import demo_source, running_service
 
 pytestmark = pytest.mark.timeout(60)
 
-KEYS = ["schema", "node", "source", "t_end", "time", "level_dbfs", "labels", "scores", "thresholds", "mel"]
+KEYS = ["schema", "node", "source", "t_end", "time", "level_dbfs", "labels", "scores", "thresholds", "mel", "gate_dbfs"]
 
 
 def test_score_feed_messages(tiny_model):
@@ -45,6 +45,7 @@ def test_score_feed_messages(tiny_model):
             assert msg["labels"] == list(tiny_model.labels) and len(msg["scores"]) == len(msg["labels"])
             assert all(0.0 <= x <= 1.0 for x in msg["scores"])
             assert msg["thresholds"] == [round(stream.analyzer.detector.thresholds[lab], 4) for lab in msg["labels"]]
+            assert msg["gate_dbfs"] == -75.0  # the level gate in force, for `monitor --zmq`
             assert len(msg["mel"]) == tiny_model.frontend.n_mels and all(round(x, 2) == x for x in msg["mel"])
             assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", msg["time"])
             t = [json.loads(p)["t_end"] for _, p in got[-10:]]

@@ -15,12 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, SourceConfig, StdoutConfig
+from .config import Config, ConfigError, SourceConfig, StdoutConfig, readable_file_problem
 from .config import load as load_config
 
 _LOGGER = logging.getLogger("earshot")
 
 DEFAULT_CONFIG = Path("/etc/earshot/earshot.toml")
+PLOT_TYPES = (".png", ".svg", ".pdf")
 
 
 def _setup_logging(level: str) -> None:
@@ -42,20 +43,26 @@ def _config(path: str | None) -> Config:
 
 
 def _load_model(config: Config):
-    """The configured model: a .pt checkpoint runs on torch, an .onnx export on ONNX Runtime (no torch)."""
-    from .model import load_model
-    from .model import default_model_path
+    """The configured model: a .pt checkpoint runs on torch, an .onnx export on ONNX Runtime (no torch).
+
+    The one place the CLI loads a model, checked against the configuration (labels, window) by the
+    same function for every command, so `check-config` refuses what `run` would refuse, with the same line.
+    """
+    from .model import default_model_path, load_model
+    from .preflight import check
 
     path = Path(config.model.path) if config.model.path else default_model_path()
-    return load_model(path, threads=config.model.threads)
+    loaded = load_model(path, threads=config.model.threads)
+    check(config, loaded)
+    return loaded
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .analyzer import hop_frames
     from .capture import has_input_device
     from .detect import make_rules
     from .integrations import attach
     from .metrics import attach_metrics
+    from .preflight import check
     from .publish import Fanout, make_publishers
     from .service import Service, handle_signals
 
@@ -73,13 +80,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         config = replace(config, stdout=StdoutConfig(enabled=True))
     if args.stdout:
         config = replace(config, stdout=StdoutConfig(enabled=True))
-    loaded = _load_model(config)
-    hop_frames(config.frontend, loaded)  # the window must match the model's before any device opens
+    loaded = _load_model(config)  # checked against the config before any device opens
     rules = make_rules(loaded.labels, loaded.thresholds, config.detect)
     _LOGGER.info("earshot %s, model %s; thresholds %s", __version__, loaded.provenance.get("name", "earshot"),
                  ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
-    service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None,
+    service = Service(config, loaded, publisher, reload_config=(lambda: check(load_config(path), loaded)) if path else None,
                       stop=stop, reload_requested=reload_requested)
     attach_metrics(service)  # Prometheus endpoint ([metrics]); logs and carries on if it cannot serve
     try:
@@ -93,31 +99,84 @@ def cmd_run(args: argparse.Namespace) -> int:
         integrations.close(1.0)
         publisher.close(timeout_s=1.0)
         raise
+    _next_steps(config, path, rules)
     try:
         return service.supervise()
     finally:
         integrations.close()  # writes clips still waiting for post-roll
 
 
+def _detect_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """`detect --model/--labels/--threshold` on top of the configuration, checked like the file's values."""
+    from .config import check
+
+    problems = []
+    detect, model = config.detect, config.model
+    if args.model:
+        model = replace(model, path=str(Path(args.model).expanduser().absolute()))
+    if args.labels:
+        detect = replace(detect, labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()))
+    thresholds = dict(detect.thresholds)
+    for item in args.threshold or []:
+        label, eq, value = item.partition("=")
+        try:
+            thresholds[label.strip()] = float(value)
+        except ValueError:
+            eq = ""
+        if not eq or not label.strip():
+            problems.append(f"--threshold {item!r}: expected LABEL=NUMBER, e.g. glass_break=0.8")
+    config = replace(config, model=model, detect=replace(detect, thresholds=thresholds))
+    problems += [p for p in check(config) if p.startswith(("model.", "detect."))]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _next_steps(config: Config, path: str | None, rules: dict) -> None:
+    """After start-up, say where events go and what to run next: the first thing a new user needs."""
+    where = []
+    if config.stdout.enabled:
+        where.append("standard output (JSON lines)")
+    if config.zmq.enabled:
+        where.append(f"ZeroMQ {config.zmq.endpoint}")
+    if config.mqtt.enabled:
+        where.append(f"MQTT {config.mqtt.host}:{config.mqtt.port} topic {config.mqtt.topic_prefix}/{config.node}/<source>/event")
+    prog = sys.argv[0] if Path(sys.argv[0]).name == "earshot" else "earshot"
+    _LOGGER.info("listening for %s; events go to %s", ", ".join(rules) or "no label",
+                 ", ".join(where) or "nowhere: enable [stdout], [zmq] or [mqtt]")
+    _LOGGER.info("configuration: %s", path or "none (built-in defaults); copy systemd/earshot.toml and pass -c FILE")
+    mics = [s for s in config.active_sources if s.kind == "mic"]
+    pick = (f"; pick a microphone: `{prog} devices`, then device = INDEX or \"part of its name\" under [[source]]"
+            f" in {path or 'your config file'}") if mics else ""
+    _LOGGER.info("next: `%s tail` prints events from another terminal; `%s monitor` shows levels and scores live%s",
+                 prog, prog, pick)
+
+
 def cmd_detect(args: argparse.Namespace) -> int:
     from .capture import CaptureError, iter_file_blocks
     from .offline import BLOCK_S, detect_blocks, detections
 
-    config = _config(args.config)
+    config = _detect_overrides(_config(args.config), args)
     _setup_logging("debug" if args.debug else "warning")
     loaded = _load_model(config)
     failed = 0
     for file in args.files:
         found: list = []
+        hops: list = []
         try:
             blocks = iter_file_blocks(file, loaded.frontend.sample_rate, block_s=BLOCK_S)
-            events = detect_blocks(blocks, loaded, config.detect, config.frontend, source=Path(file).name)
+            events = detect_blocks(blocks, loaded, config.detect, config.frontend, source=Path(file).name, hops=hops)
             found = detections(file, events)
         except CaptureError as e:
             print(f"earshot: {e}", file=sys.stderr)
             failed += 1
+            continue
         for d in found:
             print(json.dumps(d.to_dict()) if args.format == "jsonl" else d.to_dcase(), flush=True)
+        # Per file, on stderr so stdout stays pure jsonl/dcase: a clean file is not a skipped one.
+        seconds = hops[-1].t_end if hops else 0.0
+        what = f"{len(found)} detection(s)" if hops else "too short to score (under 25 ms of audio)"
+        print(f"earshot: {file}: {seconds:.1f} s, {len(hops)} window(s) scored, {what}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
@@ -150,10 +209,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
-    loaded = _load_model(config)  # a model `run` would refuse is refused here first, with the same line
+    loaded = _load_model(config)  # what `run` would refuse (model file, labels, window) is refused here first
     sources = ", ".join(f"{s.name} ({s.kind})" for s in config.active_sources)
+    labels = ", ".join(config.detect.labels or loaded.labels)
     print(f"{args.file}: OK; node {config.node}; sources: {sources}; "
-          f"model {loaded.provenance.get('name', 'earshot')} ({loaded.backend}): {', '.join(loaded.labels)}")
+          f"model {loaded.provenance.get('name', 'earshot')} ({loaded.backend}); labels: {labels}")
     return 0
 
 
@@ -169,6 +229,9 @@ def cmd_monitor(args: argparse.Namespace) -> int:
             return 2
     else:
         config = _config(args.config)
+        if args.file and (why := readable_file_problem(args.file)):
+            print(f"earshot: cannot read {why}", file=sys.stderr)
+            return 1
         if args.file:
             source = SourceConfig(name="file", kind="file", path=args.file, realtime=not args.fast, loop=args.loop)
         elif args.device is not None:
@@ -193,11 +256,23 @@ def cmd_plot(args: argparse.Namespace) -> int:
     config = _config(args.config)
     _setup_logging("debug" if args.debug else "warning")
     out = Path(args.output) if args.output else Path(Path(args.file).with_suffix(".png").name)
+    if not out.suffix:
+        out = out.with_suffix(".png")  # and say so: the file written is the one reported
+    if out.suffix.lower() not in PLOT_TYPES:
+        print(f"earshot: -o {out}: cannot write {out.suffix!r} images; use one of {', '.join(PLOT_TYPES)}",
+              file=sys.stderr)
+        return 2
+    if not out.parent.is_dir():
+        print(f"earshot: -o {out}: no such directory {out.parent}", file=sys.stderr)
+        return 2
     loaded = _load_model(config)
     try:
         analysis = plot_file(args.file, out, loaded, config.detect, config.frontend, dpi=args.dpi)
     except PlotError as e:
         print(f"earshot: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the folder is read-only, the disk is full, ...
+        print(f"earshot: cannot write {out}: {e.strerror or e}", file=sys.stderr)
         return 1
     n = sum(1 for e in analysis.events if e.type == "start")
     print(f"{out}: {analysis.samples.size / analysis.sample_rate:.1f} s, {len(analysis.hops)} hops, {n} detection(s)")
@@ -238,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", metavar="FILE")
     p.add_argument("--format", choices=("jsonl", "dcase"), default="jsonl",
                    help="jsonl: one JSON object per event; dcase: file<TAB>onset<TAB>offset<TAB>label")
+    p.add_argument("--model", metavar="PATH", help="model file (.pt or .onnx) instead of the configured one")
+    p.add_argument("--labels", metavar="A,B", help="report only these labels (comma-separated)")
+    p.add_argument("--threshold", action="append", metavar="LABEL=X",
+                   help="start threshold of a label, in (0, 1); repeat for several labels")
     p.set_defaults(func=cmd_detect)
 
     p = sub.add_parser("devices", help="list audio capture devices")

@@ -8,10 +8,19 @@ Two analyzers produce the same hops and events:
 
 Both share the level gate and the event state machine, so what is measured offline is what runs
 on a microphone.
+
+End of a stream (`finish`): audio the hop grid has not scored yet is scored by one more window
+that ends at the last frame, so a clip shorter than one window (1 s) is scored and a sound in a
+file's last partial hop is heard. A clip shorter than a window is padded *in front* with its own
+quietest value of each mel band, as if its background had gone on before it: the window then ends
+where the audio ends, so onsets are not shifted, and the padding looks like a quiet room rather
+than digital silence, which real streams do not contain. Events still waiting for confirmation when
+the audio ends are reported (see `Detector.flush`).
 """
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable
@@ -131,8 +140,25 @@ class _Analyzer:
         return time.time() - (self.seconds_in - t)
 
     def finish(self) -> list[Event]:
-        """End the stream: closes events still in progress."""
-        return self.detector.flush(self.seconds_in)
+        """End the stream: scores the audio no hop has covered yet, then closes events in progress."""
+        events = self._score_end()
+        return events + self.detector.flush(self.seconds_in)
+
+    def _score_end(self) -> list[Event]:
+        return []
+
+    def _last_window(self, recent: np.ndarray, end_frame: int) -> list[Event]:
+        """Score one window ending at absolute frame `end_frame` from the latest frames `recent`.
+
+        A stream shorter than one window is padded in front with its quietest value per band (module doc).
+        """
+        c = self.params.chunk_frames
+        if len(recent) < c:
+            pad = np.repeat(recent.min(axis=0, keepdims=True), c - len(recent), axis=0)
+            recent = np.concatenate([pad, recent])
+        recent = np.ascontiguousarray(recent[-c:], dtype=np.float32)
+        _, scores = self.loaded.score_windows(recent, c, self.hop_frames)
+        return self._hop(end_frame, scores[0], recent[-self.hop_frames:].mean(axis=0))
 
     def _hop(self, end_frame: int, scores: np.ndarray, mel: np.ndarray) -> list[Event]:
         p = self.params
@@ -163,6 +189,9 @@ class StreamAnalyzer(_Analyzer):
         self._scorer: Any = None  # built on the first push(); the service's worker shares one scorer instead
         self.frames_out = 0
         self._recent = np.zeros((0, self.params.n_mels), dtype=np.float32)  # the frames of the last hop or more
+        self._window: collections.deque[np.ndarray] = collections.deque()  # at least the last window's frames
+        self._window_n = 0
+        self._scored_to = 0  # end frame of the last window scored
 
     def push(self, samples: np.ndarray) -> list[Event]:
         """Feed audio (float32 mono at the model rate); returns the events it completed."""
@@ -177,7 +206,7 @@ class StreamAnalyzer(_Analyzer):
             return np.zeros((0, self.params.n_mels), dtype=np.float32)
         self.audio.append(samples)
         frames = self.features.push(samples)
-        self.frames_out += len(frames)
+        self._keep_window(frames)
         if self.on_hop is not None:
             self._recent = np.concatenate([self._recent, frames])[-(self.hop_frames + len(frames)):]
         return frames
@@ -186,12 +215,29 @@ class StreamAnalyzer(_Analyzer):
         """Second half of `push`: the scorer's (end_frame, scores) for this stream in, events out."""
         events: list[Event] = []
         for end_frame, scores in results:
+            self._scored_to = max(self._scored_to, end_frame)
             back = self.frames_out - end_frame  # frames received after this window ended
             hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
             events += self._hop(end_frame, scores, hop_mel.mean(axis=0) if len(hop_mel) else hop_mel)
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
-        self.audio.keep_from(self._first_sample_needed(next_end))
+        self.audio.keep_from(self._first_sample_needed(next_end - self.hop_frames))  # a hop more, for `finish`
         return events
+
+    def _keep_window(self, frames: np.ndarray) -> None:
+        """Count new frames and keep the latest window's worth for `finish` (cheap: no copy per hop)."""
+        self.frames_out += len(frames)
+        if len(frames):
+            self._window.append(frames)
+            self._window_n += len(frames)
+            while self._window_n - len(self._window[0]) >= self.params.chunk_frames:
+                self._window_n -= len(self._window.popleft())
+
+    def _score_end(self) -> list[Event]:
+        self._keep_window(self.features.flush())
+        if self.frames_out <= self._scored_to:
+            return []
+        self._scored_to = self.frames_out
+        return self._last_window(np.concatenate(self._window), self.frames_out)
 
 
 class BatchAnalyzer(_Analyzer):
@@ -223,8 +269,20 @@ class BatchAnalyzer(_Analyzer):
             for end, row in zip(ends, scores):
                 events += self._hop(base + int(end), row, local[int(end) - self.hop_frames:int(end)].mean(axis=0))
             self.next_end = base + int(ends[-1]) + self.hop_frames if len(ends) else self.next_end
-        keep = self.next_end - p.chunk_frames
+        keep = max(0, self.next_end - p.chunk_frames - self.hop_frames)  # a hop more, for `finish`
         self.frames = self.frames[keep - self.frames_start:]
         self.frames_start = keep
-        self.audio.keep_from(self._first_sample_needed(self.next_end))
+        self.audio.keep_from(self._first_sample_needed(self.next_end - self.hop_frames))  # a hop more, for `finish`
         return events
+
+    def _score_end(self) -> list[Event]:
+        p = self.params
+        tail = self.features.flush()  # a stream shorter than one window: its frames were held back
+        if len(tail):
+            self.frames = np.concatenate([self.frames, tail])
+        total = self.frames_start + len(self.frames)
+        scored_to = self.next_end - self.hop_frames if self.next_end > p.chunk_frames else 0
+        if total <= scored_to:
+            return []
+        self.next_end = total + self.hop_frames
+        return self._last_window(self.frames[-p.chunk_frames:], total)

@@ -8,6 +8,7 @@ user fixes the file in one pass.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -41,11 +42,11 @@ class SourceConfig:
     device: int | str | None = None
     """mic: PortAudio device index or a case-insensitive substring of its name; unset = the default input."""
     channel: int | None = None
-    """mic: input channel to use (0-based); unset = average all channels."""
+    """mic: input channel to use (0-based); unset = average all channels. Valid: 0..255."""
     samplerate: int | None = None
-    """mic: capture rate (Hz); unset = the device's default. Resampled to the model rate."""
+    """mic: capture rate (Hz); unset = the device's default. Resampled to the model rate. Valid: 8000..384000."""
     block_ms: float = 20.0
-    """Capture block length (ms)."""
+    """Capture block length (ms). Valid: 1..500."""
     path: str | None = None
     """file: path of the audio file."""
     realtime: bool = True
@@ -65,9 +66,9 @@ class FrontendConfig:
     """How the stream is cut into model windows."""
 
     chunk_size: float = 1.0
-    """Length of the window the model scores (s); must match the model's training."""
+    """Length of the window the model scores (s); must match the model's training. Valid: (0, 60]."""
     chunk_hop: float = 0.1
-    """Time between two scored windows (s); a multiple of 10 ms."""
+    """Time between two scored windows (s); a multiple of 10 ms. Valid: 0.01..60."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class ModelConfig:
     path: str | None = None
     """Model checkpoint (.pt); unset = the model shipped with earshot."""
     threads: int = 1
-    """CPU threads for inference (1 is right for a few streams on a small board)."""
+    """CPU threads for inference (1 is right for a few streams on a small board). Valid: 1..64."""
 
 
 @dataclass(frozen=True)
@@ -85,18 +86,18 @@ class DetectConfig:
     """How per-hop scores become start/end events."""
 
     thresholds: dict[str, float] = field(default_factory=dict)
-    """Per-label score needed to start an event (0..1); labels not listed use the model's calibrated value."""
+    """Per-label score needed to start an event (0..1); labels not listed use the model's calibrated value. Valid: (0, 1)."""
     hysteresis: float = 0.7
-    """An active event keeps going while its score stays above threshold x hysteresis (0..1)."""
+    """An active event keeps going while its score stays above threshold x hysteresis (0..1). Valid: (0, 1]."""
     confirm_hops: int = 2
-    """Consecutive hops above threshold before an event starts (1 = start on the first)."""
+    """Consecutive hops above threshold before an event starts (1 = start on the first). Valid: 1..100."""
     hold_s: float = 1.0
     """An event ends once its label has not been heard for this long (s); 1 s bridges the pauses of
-    beeping (T3/T4) alarms and merges a burst of shots into one event."""
+    beeping (T3/T4) alarms and merges a burst of shots into one event. Valid: 0..3600."""
     refractory_s: float = 1.0
-    """After an event ends, the same label cannot start again for this long (s)."""
+    """After an event ends, the same label cannot start again for this long (s). Valid: 0..86400."""
     min_level_dbfs: float = -75.0
-    """Hops quieter than this (dBFS) score zero: nothing can be detected in near silence."""
+    """Hops quieter than this (dBFS) score zero: nothing can be detected in near silence. Valid: -120..0."""
     labels: tuple[str, ...] = ()
     """Labels to report; empty = all labels of the model."""
 
@@ -110,7 +111,7 @@ class MqttConfig:
     host: str = "localhost"
     """Broker host name or address."""
     port: int = 1883
-    """Broker TCP port (8883 is usual with TLS)."""
+    """Broker TCP port (8883 is usual with TLS). Valid: 1..65535."""
     topic_prefix: str = "earshot"
     """First level of every topic."""
     client_id: str | None = None
@@ -129,19 +130,19 @@ class MqttConfig:
     key_file: str | None = None
     """TLS: client private key (PEM)."""
     keepalive_s: int = 30
-    """Keep-alive interval (s); the broker declares the daemon offline after 1.5x this without traffic."""
+    """Keep-alive interval (s); the broker declares the daemon offline after 1.5x this without traffic. Valid: 5..65535."""
     qos: int = 1
-    """QoS for events (0, 1 or 2)."""
+    """QoS for events (0, 1 or 2). Valid: 0..2."""
     protocol: str = "3.1.1"
     """MQTT protocol version: `3.1.1` or `5`."""
     reconnect_max_s: float = 30.0
-    """Longest wait between reconnection attempts (s)."""
+    """Longest wait between reconnection attempts (s). Valid: 1..3600."""
     queue_limit: int = 10000
-    """Messages waiting while the broker is unreachable (on disk under `state_dir`, else in memory); the oldest are dropped (and counted) beyond."""
+    """Messages waiting while the broker is unreachable (on disk under `state_dir`, else in memory); the oldest are dropped (and counted) beyond. Valid: 1..10000000."""
     spool_max_mb: float = 20.0
-    """Payload megabytes the waiting messages may take; the oldest are dropped (and counted) beyond."""
+    """Payload megabytes the waiting messages may take; the oldest are dropped (and counted) beyond. Valid: 0.01..100000."""
     session_expiry_s: int = 86400
-    """MQTT 5: how long the broker keeps our session (subscriptions, unacknowledged messages) while we are away (s)."""
+    """MQTT 5: how long the broker keeps our session (subscriptions, unacknowledged messages) while we are away (s). Valid: 0..4294967295."""
     control: bool = True
     """Accept run-time changes on `<prefix>/<node>/<source>/enabled/set` and `.../<label>/threshold/set`."""
 
@@ -187,7 +188,7 @@ class HomeAssistantConfig:
     discovery_prefix: str = "homeassistant"
     """Home Assistant's discovery prefix; `<prefix>/status` = `online` triggers a re-send."""
     level_interval_s: float = 5.0
-    """Interval of the per-source sound level message (s): one message with the max and mean level."""
+    """Interval of the per-source sound level message (s): one message with the max and mean level. Valid: 0.1..86400."""
 
 
 @dataclass(frozen=True)
@@ -199,13 +200,13 @@ class ClipsConfig:
     dir: str | None = None
     """Directory of the clips; unset = `<state_dir>/clips`."""
     pre_s: float = 2.0
-    """Audio kept before the event's onset (s)."""
+    """Audio kept before the event's onset (s). Valid: 0..60."""
     post_s: float = 3.0
-    """Audio kept after the event's onset (s)."""
+    """Audio kept after the event's onset (s). Valid: 0..60."""
     max_total_mb: float = 500.0
-    """Total size of the clips (MB); the oldest are deleted beyond."""
+    """Total size of the clips (MB); the oldest are deleted beyond. Valid: 0.01..10000000."""
     max_age_days: float = 30.0
-    """Clips older than this are deleted (days)."""
+    """Clips older than this are deleted (days). Valid: 0.001..36500."""
     http: bool = True
     """Serve the clips read-only on the web server (`GET /clips/` index, `GET /clips/<id>.flac`)."""
     listen: str = "127.0.0.1:8765"
@@ -224,11 +225,11 @@ class WebConfig:
     """File whose first line is the token or password (8+ characters); required when `listen` is not
     loopback; with it every request needs the token, and the page offers run-time control."""
     workers: int = 4
-    """Threads answering requests (1..32); the live feed has its own thread."""
+    """Threads answering requests; the live feed has its own thread. Valid: 1..32."""
     max_connections: int = 256
-    """Connections held at once (8..4096; also kept under half the open-file limit); more get 503."""
+    """Connections held at once (also kept under half the open-file limit); more get 503. Valid: 8..4096."""
     timeout_s: float = 10.0
-    """Time a client has to send its request, and to take a response (s, 1..300)."""
+    """Time a client has to send its request, and to take a response (s). Valid: 1..300."""
 
 
 def read_token(path: str | os.PathLike) -> str:
@@ -309,21 +310,35 @@ def load(path: str | os.PathLike | None) -> Config:
         return Config()
     p = Path(path)
     try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the TOML.
+        raw = tomllib.loads(p.read_text(encoding="utf-8-sig"))
     except FileNotFoundError:
         raise ConfigError([f"{p}: file not found"]) from None
+    except IsADirectoryError:
+        raise ConfigError([f"{p}: is a directory, not a configuration file"]) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError([f"{p}: cannot read: {e}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{p}: not valid TOML: {e}"]) from None
-    return from_dict(raw)
+    except RecursionError:
+        raise ConfigError([f"{p}: not valid TOML: arrays or tables nested too deeply"]) from None
+    return from_dict(raw, base_dir=p.resolve().parent)
 
 
-def from_dict(raw: dict[str, Any]) -> Config:
-    """Build a Config from parsed TOML. Raises ConfigError listing every problem."""
+def from_dict(raw: dict[str, Any], base_dir: str | os.PathLike | None = None) -> Config:
+    """Build a Config from parsed TOML. Raises ConfigError listing every problem.
+
+    Relative paths are resolved against `base_dir` (the config file's folder), not the current
+    directory, which is `/` under systemd.
+    """
     problems: list[str] = []
     raw = {_TABLE_ALIASES.get(k, k): v for k, v in raw.items()}
-    config = _build(Config, raw, "", problems)
+    try:
+        config = _build(Config, raw, "", problems)
+    except RecursionError:
+        raise ConfigError(["arrays or tables nested too deeply"]) from None
+    if config is not None and base_dir is not None:
+        config = _resolve_paths(config, Path(base_dir))
     if config is not None:
         problems += _check(config)
     if problems:
@@ -389,12 +404,23 @@ def _convert(hint: Any, value: Any, where: str, problems: list[str]) -> Any:
             return _INVALID
         out = {k: _convert(args[1], v, _join(where, k), problems) for k, v in value.items()}
         return _INVALID if any(v is _INVALID for v in out.values()) else out
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        problems.append(f"{where}: {value} is not a finite number")
+        return _INVALID
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
         problems.append(f"{where}: expected {_hname(hint)}, got {_tname(value)} {value!r}")
         return _INVALID
     return value
+
+
+def check(c: Config) -> list[str]:
+    """Every value problem of a built Config (ranges, names, paths), one line each; empty if none.
+
+    For a Config changed after loading (command-line overrides); `load` and `from_dict` already ran it.
+    """
+    return _check(c)
 
 
 def _check(c: Config) -> list[str]:
@@ -404,9 +430,22 @@ def _check(c: Config) -> list[str]:
         p.append(f"node: {c.node!r} may only contain letters, digits, '_', '-' and '.'")
     if c.log_level not in ("debug", "info", "warning", "error"):
         p.append(f"log_level: {c.log_level!r} is not one of debug, info, warning, error")
+    for sub, where in ((c.frontend, "frontend"), (c.model, "model"), (c.detect, "detect"), (c.mqtt, "mqtt"),
+                       (c.homeassistant, "homeassistant"), (c.clips, "clips"), (c.web, "web")):
+        p += _check_ranges(sub, where)
+    for i, s in enumerate(c.sources):
+        p += _check_ranges(s, f"source[{i}]")
+    for key, limit in MAX_STRING_BYTES.items():
+        section, _, name = key.rpartition(".")
+        values = [(f"source[{i}].name", s.name) for i, s in enumerate(c.sources)] if key == "source.name" else \
+            [(key, getattr(getattr(c, section) if section else c, name))]
+        for where, value in values:
+            if value is not None and len(value.encode("utf-8")) > limit:
+                p.append(f"{where}: {len(value.encode('utf-8'))} bytes long; at most {limit}")
     names = [s.name for s in c.sources]
     for dup in sorted({n for n in names if names.count(n) > 1}):
-        p.append(f"source: the name {dup!r} is used more than once")
+        hint = " (a source without `name` is called 'mic': give each source a name)" if dup == "mic" else ""
+        p.append(f"source: the name {dup!r} is used more than once{hint}")
     if not c.active_sources:
         p.append("source: no enabled source; add a [[source]] table")
     for i, s in enumerate(c.sources):
@@ -417,39 +456,24 @@ def _check(c: Config) -> list[str]:
             p.append(f"{w}.kind: {s.kind!r} is not one of {', '.join(SOURCE_KINDS)}")
         if s.kind == "file" and not s.path:
             p.append(f"{w}.path: a file source needs a path")
+        elif s.kind == "file" and s.enabled and (why := readable_file_problem(s.path)):
+            p.append(f"{w}.path: {why}")
         if s.kind == "ffmpeg" and not s.url:
             p.append(f"{w}.url: an ffmpeg source needs a url")
-        if s.channel is not None and s.channel < 0:
-            p.append(f"{w}.channel: must be 0 or more")
-        if s.samplerate is not None and not 8000 <= s.samplerate <= 384000:
-            p.append(f"{w}.samplerate: {s.samplerate} Hz is outside 8000..384000")
-        if not 1.0 <= s.block_ms <= 500.0:
-            p.append(f"{w}.block_ms: {s.block_ms} ms is outside 1..500")
     f = c.frontend
-    if f.chunk_size <= 0:
-        p.append("frontend.chunk_size: must be positive")
-    if f.chunk_hop <= 0 or f.chunk_hop > f.chunk_size:
-        p.append("frontend.chunk_hop: must be positive and no longer than chunk_size")
+    if f.chunk_hop > f.chunk_size:
+        p.append("frontend.chunk_hop: must be no longer than chunk_size")
     elif abs(round(f.chunk_hop / 0.01) * 0.01 - f.chunk_hop) > 1e-9:
         p.append(f"frontend.chunk_hop: {f.chunk_hop} s is not a multiple of the 10 ms frame")
-    if c.model.threads < 1:
-        p.append("model.threads: must be 1 or more")
+    if c.model.path and not Path(c.model.path).exists():
+        # Only a missing file is a configuration error; a folder, an unreadable or a damaged file is
+        # for the model loader, whose one line says what the file is instead (exit 1, as `run` gives).
+        p.append(f"model.path: {c.model.path}: no such file")
     d = c.detect
     for label, t in d.thresholds.items():
-        if not 0.0 < t < 1.0:
+        if not THRESHOLD_RANGE[0] < t < THRESHOLD_RANGE[1]:
             p.append(f"detect.thresholds.{label}: {t} is outside (0, 1)")
-    if not 0.0 < d.hysteresis <= 1.0:
-        p.append("detect.hysteresis: must be in (0, 1]")
-    if d.confirm_hops < 1:
-        p.append("detect.confirm_hops: must be 1 or more")
-    for name in ("hold_s", "refractory_s"):
-        if getattr(d, name) < 0:
-            p.append(f"detect.{name}: must be 0 or more")
     m = c.mqtt
-    if not 1 <= m.port <= 65535:
-        p.append(f"mqtt.port: {m.port} is not a TCP port")
-    if m.qos not in (0, 1, 2):
-        p.append(f"mqtt.qos: {m.qos} is not 0, 1 or 2")
     if m.protocol not in ("3.1.1", "5"):
         p.append(f"mqtt.protocol: {m.protocol!r} is not '3.1.1' or '5'")
     if not m.topic_prefix or any(ch in m.topic_prefix for ch in "+#") or m.topic_prefix.endswith("/"):
@@ -460,38 +484,20 @@ def _check(c: Config) -> list[str]:
             p.append(f"mqtt.{name}: {value} does not exist")
     if bool(m.cert_file) != bool(m.key_file):
         p.append("mqtt.cert_file and mqtt.key_file: give both or neither")
-    if m.keepalive_s < 5:
-        p.append("mqtt.keepalive_s: must be 5 or more")
-    if m.queue_limit < 0:
-        p.append("mqtt.queue_limit: must be 0 or more")
     if not re.match(r"^(tcp|ipc|inproc)://.+", c.zmq.endpoint):
         p.append(f"zmq.endpoint: {c.zmq.endpoint!r} must look like tcp://127.0.0.1:5556 or ipc:///path")
-    if m.spool_max_mb <= 0:
-        p.append("mqtt.spool_max_mb: must be positive")
-    if m.session_expiry_s < 0:
-        p.append("mqtt.session_expiry_s: must be 0 or more")
     if c.zmq.curve_secret_file and not Path(c.zmq.curve_secret_file).is_file():
         p.append(f"zmq.curve_secret_file: {c.zmq.curve_secret_file} does not exist")
     h = c.homeassistant
     if not h.discovery_prefix or any(ch in h.discovery_prefix for ch in "+#") or h.discovery_prefix.endswith("/"):
         p.append(f"homeassistant.discovery_prefix: {h.discovery_prefix!r} must be non-empty, without + or #, "
                  "not ending in /")
-    if h.level_interval_s <= 0:
-        p.append("homeassistant.level_interval_s: must be positive")
     k = c.clips
-    if k.pre_s < 0 or k.post_s < 0 or k.pre_s + k.post_s > 60:
-        p.append("clips.pre_s, clips.post_s: must be 0 or more, together at most 60 s")
-    if k.max_total_mb <= 0 or k.max_age_days <= 0:
-        p.append("clips.max_total_mb, clips.max_age_days: must be positive")
+    if k.pre_s + k.post_s > 60:
+        p.append("clips.pre_s, clips.post_s: together at most 60 s")
     if split_listen(k.listen, any_port=True) is None:
         p.append(f"clips.listen: {k.listen!r} must look like 127.0.0.1:8765 (port 0..65535)")
     w = c.web
-    if not 1 <= w.workers <= 32:
-        p.append(f"web.workers: {w.workers} is outside 1..32")
-    if not 8 <= w.max_connections <= 4096:
-        p.append(f"web.max_connections: {w.max_connections} is outside 8..4096")
-    if not 1.0 <= w.timeout_s <= 300.0:  # also refuses NaN
-        p.append(f"web.timeout_s: {w.timeout_s} s is outside 1..300")
     listen = web_listen(c)
     key = "web.listen" if listen == w.listen else "clips.listen"
     address = split_listen(listen, any_port=True)
@@ -508,6 +514,81 @@ def _check(c: Config) -> list[str]:
     if split_listen(c.metrics.listen) is None:
         p.append(f"metrics.listen: {c.metrics.listen!r} must look like 127.0.0.1:9721 or [::1]:9721 (port 1..65535)")
     return p
+
+
+
+# Valid range of every numeric field, checked once here (NaN and inf are refused when read); each
+# field's doc repeats its range (a test keeps the two in step). (low, high, low is exclusive).
+RANGES: dict[type, dict[str, tuple[float, float, bool]]] = {
+    SourceConfig: {"channel": (0, 255, False), "samplerate": (8000, 384000, False), "block_ms": (1, 500, False)},
+    FrontendConfig: {"chunk_size": (0, 60, True), "chunk_hop": (0.01, 60, False)},
+    ModelConfig: {"threads": (1, 64, False)},
+    DetectConfig: {"hysteresis": (0, 1, True), "confirm_hops": (1, 100, False), "hold_s": (0, 3600, False),
+                   "refractory_s": (0, 86400, False), "min_level_dbfs": (-120, 0, False)},
+    MqttConfig: {"port": (1, 65535, False), "keepalive_s": (5, 65535, False), "qos": (0, 2, False),
+                 "reconnect_max_s": (1, 3600, False), "queue_limit": (1, 10_000_000, False),
+                 "spool_max_mb": (0.01, 100_000, False), "session_expiry_s": (0, 2**32 - 1, False)},
+    HomeAssistantConfig: {"level_interval_s": (0.1, 86400, False)},
+    ClipsConfig: {"pre_s": (0, 60, False), "post_s": (0, 60, False), "max_total_mb": (0.01, 10_000_000, False),
+                  "max_age_days": (0.001, 36500, False)},
+    WebConfig: {"workers": (1, 32, False), "max_connections": (8, 4096, False), "timeout_s": (1, 300, False)},
+}
+THRESHOLD_RANGE = (0.0, 1.0)
+"""`[detect] thresholds` values: strictly between 0 and 1."""
+MAX_STRING_BYTES: dict[str, int] = {"mqtt.client_id": 65535, "mqtt.username": 65535, "mqtt.topic_prefix": 1024,
+                                    "homeassistant.discovery_prefix": 1024, "node": 255, "source.name": 255}
+"""UTF-8 length limits: MQTT strings hold at most 65535 bytes, and a topic is built from several parts."""
+
+
+def range_text(lo: float, hi: float, lo_open: bool) -> str:
+    """A range as the docs write it: `5..65535`, or `(0, 1]` for an open low end."""
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    return f"({num(lo)}, {num(hi)}]" if lo_open else f"{num(lo)}..{num(hi)}"
+
+
+def _check_ranges(obj: Any, where: str) -> list[str]:
+    p = []
+    for name, (lo, hi, lo_open) in RANGES.get(type(obj), {}).items():
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        if not (lo < value <= hi if lo_open else lo <= value <= hi):
+            p.append(f"{_join(where, name)}: {value} is outside {range_text(lo, hi, lo_open)}")
+    return p
+
+
+def _resolve_paths(c: Config, base: Path) -> Config:
+    """Relative paths in the file are relative to the file's folder; `~` is the user's home."""
+
+    def fix(value: str | None) -> str | None:
+        if not value:
+            return value
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else base / path)
+
+    sources = tuple(replace(s, path=fix(s.path)) for s in c.sources)
+    m = c.mqtt
+    return replace(
+        c, sources=sources, state_dir=fix(c.state_dir), model=replace(c.model, path=fix(c.model.path)),
+        mqtt=replace(m, password_file=fix(m.password_file), ca_file=fix(m.ca_file), cert_file=fix(m.cert_file),
+                     key_file=fix(m.key_file)),
+        zmq=replace(c.zmq, curve_secret_file=fix(c.zmq.curve_secret_file)), clips=replace(c.clips, dir=fix(c.clips.dir)),
+        web=replace(c.web, token_file=fix(c.web.token_file)),
+    )
+
+
+def readable_file_problem(path: str) -> str | None:
+    """Why `path` cannot be read as a file ("no such file", "is a directory", ...), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{path}: is a directory"
+    if not p.exists():
+        return f"{path}: no such file"
+    if not os.access(p, os.R_OK):
+        return f"{path}: not readable (permission denied)"
+    return None
 
 
 def split_listen(listen: str, any_port: bool = False) -> tuple[str, int] | None:

@@ -280,6 +280,19 @@ class Control:
         for source in self.sources:
             self._apply_source(source)
 
+    def on_reload(self, config: Any) -> None:
+        """Worker thread, after a reload (SIGHUP) gave every detector the file's rules: the thresholds and
+        switches set at run time stay in force on top of them (as they do across a restart), so the
+        running detectors, the state file and the retained topics agree; new sources get theirs too."""
+        rules = make_rules(self.service.loaded.labels, self.service.loaded.thresholds, config.detect)
+        with self._lock:
+            self.hysteresis = float(config.detect.hysteresis)
+            self.labels = list(rules)
+            self.sources = [s.name for s in config.active_sources]
+            self._configured = {label: rule.threshold for label, rule in rules.items()}
+        for source in self.sources:
+            self._apply_source(source)
+
     def on_audio(self, source: str, samples: np.ndarray) -> None:
         """Tap: the first audio applies the persisted settings (the worker exists only after start)."""
         if not self._applied:

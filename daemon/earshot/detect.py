@@ -126,9 +126,16 @@ class Detector:
         return events
 
     def flush(self, t_end: float) -> list[Event]:
-        """End every active event (the stream stopped at `t_end`)."""
+        """End every active event (the stream stopped at `t_end`).
+
+        A label still waiting for confirmation (above threshold in the last hops, fewer than
+        `confirm_hops` of them) starts and ends here: the audio ended, not the sound, and an event
+        must never be lost because a file stopped right after it.
+        """
         events = []
         for label, track in self.tracks.items():
+            if track.state is _State.PENDING:
+                events.append(self._start(label, track, track.last_t))
             if track.state is _State.ACTIVE:
                 events.append(self._end(label, track))
             track.state, track.count = _State.IDLE, 0
@@ -182,9 +189,12 @@ class Detector:
             first = tr.rise_t if tr.rise_t is not None else t
             tr.state, tr.count, tr.first_t, tr.peak, tr.rise_t = _State.PENDING, 0, first, 0.0, None
         tr.count += 1
-        tr.peak = max(tr.peak, score)
+        tr.peak, tr.last_t = max(tr.peak, score), t
         if tr.count < rule.confirm_hops:
             return None
+        return self._start(label, tr, t)
+
+    def _start(self, label: str, tr: _Track, t: float) -> Event:
         tr.state, tr.last_t = _State.ACTIVE, t
         tr.event_id = new_event_id()
         # The first window of the rise is the first that holds enough of the sound to score:

@@ -20,6 +20,18 @@ exponential moving average over frames of the per-frame mean log-mel). Why:
 - unlike per-window normalisation (mean/std over a 1 s window), the running level is a
   causal IIR filter whose state carries across blocks, so streaming output is *exactly*
   the offline output and each frame is normalised once rather than once per window.
+
+Start of a stream. The running level starts at the median of the per-frame means of the first
+window (`chunk_frames` frames, or all frames of a shorter signal), not at the first frame: one
+25 ms frame is a poor estimate of a room's level, and a stream that opens on a few frames of
+digital silence (a sound card starting, a file with a silent lead-in) would otherwise make
+everything in its first seconds look tens of dB louder than it is. Nothing is scored before the
+first window is complete, so the streaming frontend holds its first frames back until then at no
+cost in latency. Measured with the shipped model on 400 recordings of `../shared/data` started cold
+3 s in, against the same windows with 3 s of history (first 3 s after the start): with 30 ms of
+digital silence first, the level error fell from 2.23 to 1.01 (natural-log units) and the files
+with a threshold crossing that the warmed-up stream does not have from 7 to 3; without the lead-in,
+1.23 -> 1.03 and 2 -> 3 files.
 """
 
 from __future__ import annotations
@@ -246,12 +258,12 @@ def _level_filter(p: FrontendParams) -> tuple[np.ndarray, np.ndarray]:
 def _level(frame_means: np.ndarray, p: FrontendParams, zi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Run the level EMA over per-frame means (float64); returns (level, new state).
 
-    `zi=None` starts a new stream: the state is chosen so that level[0] == m[0] (no
-    warm-up transient from an arbitrary initial level).
+    `zi=None` starts a new stream: the level starts at the median of the first `chunk_frames`
+    frame means (all of them if fewer), a robust estimate of the room's level (see the module doc).
     """
     b, a = _level_filter(p)
     if zi is None:
-        zi = np.array([p.level_alpha * frame_means[0]])
+        zi = np.array([p.level_alpha * float(np.median(frame_means[: p.chunk_frames]))])
     level, zf = lfilter(b, a, frame_means, zi=zi)
     return level, zf
 
@@ -268,7 +280,9 @@ def features(samples: np.ndarray, p: FrontendParams = FrontendParams()) -> np.nd
 class StreamingFeatures:
     """Stateful frontend for live audio: push blocks of any size, get each new frame once.
 
-    Keeps the unconsumed sample tail (shorter than one window) and the level filter state.
+    Keeps the unconsumed sample tail (shorter than one window) and the level filter state. At the
+    start of a stream (and after `restart_level`) the first `chunk_frames` frames are held back until
+    the level's starting value is known; `flush()` returns them early when the audio ends sooner.
     Not thread-safe: one instance per stream, used by one thread.
     """
 
@@ -276,14 +290,42 @@ class StreamingFeatures:
         self.p = p
         self._tail = np.zeros(0, dtype=np.float64)
         self._zi: np.ndarray | None = None
+        self._held = np.zeros((0, p.n_mels), dtype=np.float32)  # raw log-mel waiting for the level's start
         self.frames_out = 0
         """Total frames returned since the last reset."""
 
     def reset(self) -> None:
         """Forget all buffered audio and the running level (start of a new stream)."""
         self._tail = np.zeros(0, dtype=np.float64)
-        self._zi = None
+        self._held = self._held[:0]
+        self.restart_level()
         self.frames_out = 0
+
+    def restart_level(self) -> None:
+        """Start the running level again from the next frames (a device reopened: another room or gain).
+
+        Frames already held back are kept and share the new start."""
+        self._zi = None
+
+    def flush(self) -> np.ndarray:
+        """The frames still held back for the level's start (a stream shorter than one window ended)."""
+        if self._zi is not None or not len(self._held):
+            return np.empty((0, self.p.n_mels), dtype=np.float32)
+        return self._normalise(self._held[:0], force=True)
+
+    def _normalise(self, lm: np.ndarray, force: bool = False) -> np.ndarray:
+        """Subtract the running level from raw log-mel `lm`, holding frames until the level has a start."""
+        if self._zi is None:
+            lm = np.concatenate([self._held, lm]) if len(self._held) else lm
+            if len(lm) < self.p.chunk_frames and not force:
+                self._held = lm
+                return np.empty((0, self.p.n_mels), dtype=np.float32)
+            self._held = self._held[:0]
+        if not len(lm):
+            return np.empty((0, self.p.n_mels), dtype=np.float32)
+        level, self._zi = _level(lm.mean(axis=1, dtype=np.float64), self.p, self._zi)
+        self.frames_out += len(lm)
+        return (lm - level[:, None]).astype(np.float32)
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Append samples; return the (n_new, n_mels) float32 frames completed by them."""
@@ -295,9 +337,7 @@ class StreamingFeatures:
             self._tail = buf
             return np.empty((0, p.n_mels), dtype=np.float32)
         lm = log_mel(buf[: (n - 1) * p.hop_length + p.win_length], p)  # (n, n_mels)
-        level, self._zi = _level(lm.mean(axis=1, dtype=np.float64), p, self._zi)
         # Keep only what later frames still need (< win_length samples), as a copy so a
         # huge block is not kept alive by a view.
         self._tail = buf[n * p.hop_length :].copy()
-        self.frames_out += n
-        return (lm - level[:, None]).astype(np.float32)
+        return self._normalise(lm)

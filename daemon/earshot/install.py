@@ -192,6 +192,10 @@ def install_service(root: str | Path = "/", *, dry_run: bool = False, exec_argv:
     if re.match(r"^/(home|root|run/user)/", exec_argv[0]):
         out(f"warning: {exec_argv[0]} is under a home directory, which the unit hides (ProtectHome=yes); "
             "install earshot under /opt or /usr/local")
+    if re.match(r"^/(tmp|var/tmp)/", exec_argv[0]):
+        where = "/var/tmp" if exec_argv[0].startswith("/var/tmp/") else "/tmp"
+        out(f"warning: {exec_argv[0]} is under {where}, which the unit replaces with an empty private folder "
+            "(PrivateTmp=yes): the service would not find it; install earshot under /opt or /usr/local")
     for step in plan(root, exec_argv, unit_template=unit_template, config_example=config_example,
                      enable=enable, start=start and system):
         if step.apply is None:

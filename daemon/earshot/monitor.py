@@ -77,6 +77,8 @@ class ScoreMessage:
     scores: np.ndarray
     thresholds: tuple[float, ...]
     mel: np.ndarray
+    gate_dbfs: float | None = None
+    """The daemon's level gate (`detect.min_level_dbfs`); None from a daemon that does not send it."""
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> ScoreMessage:
@@ -90,9 +92,10 @@ class ScoreMessage:
         thresholds = tuple(math.nan if x is None else float(x) for x in data.get("thresholds") or [None] * len(labels))
         if len(scores) != len(labels) or len(thresholds) != len(labels):
             raise ValueError("labels, scores and thresholds differ in length")
+        gate = data.get("gate_dbfs")
         return cls(str(data.get("source", "?")), str(data.get("node", "?")), float(data["t_end"]),
                    float(data["level_dbfs"]), labels, scores, thresholds,
-                   np.asarray(data.get("mel") or [], dtype=np.float32))
+                   np.asarray(data.get("mel") or [], dtype=np.float32), None if gate is None else float(gate))
 
 
 class MonitorState:
@@ -394,6 +397,8 @@ class ZmqFeed:
         if list(msg.labels) != st.labels or list(msg.thresholds) != st.thresholds:
             st.labels, st.thresholds = list(msg.labels), list(msg.thresholds)
         st.title = f"{msg.node}/{msg.source} via {self.endpoint}"
+        if msg.gate_dbfs is not None:
+            st.gate_dbfs = msg.gate_dbfs
         st.update_hop(msg.t_end, msg.level_dbfs, msg.scores, msg.mel)
         self._got_any = True
 

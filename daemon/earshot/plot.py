@@ -2,7 +2,7 @@
 
 Five panels on a shared time axis: waveform, level per hop against the level gate, log-mel
 spectrogram, per-class scores against their thresholds, and the detections as shaded spans
-(also shaded on every other panel). The hops come from `offline.detect_samples(..., hops=...)`,
+(also shaded on the waveform, level and score panels; not on the spectrogram, whose colours it would change). The hops come from `offline.detect_samples(..., hops=...)`,
 the same analyzer and detector the daemon runs, so a false alarm or a miss in the picture is
 the one the daemon would have produced with this configuration.
 
@@ -102,9 +102,12 @@ def figure(analysis: Analysis, title: str = "") -> Any:
     n = a.samples.size
     if n:
         step = max(1, n // MAX_WAVE_POINTS)
-        usable = a.samples[: (n // step) * step].reshape(-1, step)
-        t = (np.arange(usable.shape[0]) * step + step / 2) / sr
-        ax_wave.fill_between(t, usable.min(axis=1), usable.max(axis=1), color="0.3", linewidth=0)
+        if step == 1:  # short files: an envelope of one sample per point has no width, draw the samples
+            ax_wave.plot(np.arange(n) / sr, a.samples, color="0.3", linewidth=0.6)
+        else:
+            usable = a.samples[: (n // step) * step].reshape(-1, step)
+            t = (np.arange(usable.shape[0]) * step + step / 2) / sr
+            ax_wave.fill_between(t, usable.min(axis=1), usable.max(axis=1), color="0.3", linewidth=0)
     ax_wave.set_ylim(-1.05, 1.05)
     ax_wave.set_ylabel("amplitude")
 
@@ -132,17 +135,21 @@ def figure(analysis: Analysis, title: str = "") -> Any:
     scores = np.stack([h.scores for h in a.hops]) if a.hops else np.zeros((0, len(a.all_labels)))
     for label in a.labels:
         i = a.all_labels.index(label)
-        ax_score.plot(t_hop, scores[:, i] if len(scores) else [], color=colors[label], linewidth=1.2, label=label)
         thr = a.thresholds.get(label)
+        name = label if thr is None else f"{label} (threshold {thr:.2f})"
+        ax_score.plot(t_hop, scores[:, i] if len(scores) else [], color=colors[label], linewidth=1.2, label=name)
         if thr is not None:
             ax_score.axhline(thr, color=colors[label], linestyle="--", linewidth=0.8)
-    ax_score.set_ylim(-0.02, 1.02)
+    # Headroom above 1 for the legend: calibrated thresholds sit at 0.9-0.99, where a legend inside
+    # the axes would hide them.
+    ax_score.set_ylim(-0.02, 1.3)
+    ax_score.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax_score.set_ylabel("score (dashed: threshold)")
-    ax_score.legend(loc="upper right", fontsize=8, ncols=max(1, len(a.labels)))
+    ax_score.legend(loc="upper right", fontsize=8, ncols=max(1, len(a.labels)), borderaxespad=0.2)
 
     spans = _spans(a.events, duration)
     for onset, offset, label, score in spans:
-        for ax in (ax_wave, ax_level, ax_mel, ax_score):
+        for ax in (ax_wave, ax_level, ax_score):  # not the spectrogram: a tint would change its colours
             ax.axvspan(onset, offset, color=colors.get(label, "C9"), alpha=0.18, linewidth=0)
         row = a.labels.index(label) if label in a.labels else 0
         ax_det.barh(row, offset - onset, left=onset, height=0.7, color=colors.get(label, "C9"), alpha=0.8)

@@ -4,11 +4,12 @@ Topic `scores.<source>` on the events' PUB socket (`[zmq] scores = true`), paylo
 
     {"schema": "earshot.scores/1", "node": "attic", "source": "mic0", "t_end": 12.3,
      "time": "2024-05-01T12:00:03.250Z", "level_dbfs": -41.2, "labels": ["alarm", "glass_break", "gunshot"],
-     "scores": [0.01, 0.93, 0.0], "thresholds": [0.5, 0.6, 0.55], "mel": [-3.12, ...]}
+     "scores": [0.01, 0.93, 0.0], "thresholds": [0.99, 0.95, 0.9], "mel": [-3.12, ...], "gate_dbfs": -75.0}
 
 `t_end` is the end of the scored window in stream seconds, `time` its wall-clock time; `thresholds`
 are the current start thresholds (null for a label that is not reported); `mel` is the mean
-log-mel column of the hop (n_mels values, 2 decimals). `earshot monitor` consumes exactly this.
+log-mel column of the hop (n_mels values, 2 decimals); `gate_dbfs` the level gate in force
+(`detect.min_level_dbfs`: quieter hops score zero). `earshot monitor` consumes exactly this.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def scores_topic(source: str) -> bytes:
 
 
 def scores_payload(*, node: str, source: str, hop: Hop, wall_s: float, labels: list[str],
-                   thresholds: dict[str, float]) -> dict:
+                   thresholds: dict[str, float], gate_dbfs: float | None = None) -> dict:
     """One score message as a dict (the wire format above)."""
     return {
         "schema": SCHEMA,
@@ -51,6 +52,7 @@ def scores_payload(*, node: str, source: str, hop: Hop, wall_s: float, labels: l
         "scores": [round(float(s), 4) for s in np.asarray(hop.scores).reshape(-1)],
         "thresholds": [round(float(thresholds[lab]), 4) if lab in thresholds else None for lab in labels],
         "mel": [round(float(m), 2) for m in np.asarray(hop.mel).reshape(-1)],
+        **({} if gate_dbfs is None else {"gate_dbfs": round(float(gate_dbfs), 2)}),
     }
 
 
@@ -79,7 +81,7 @@ class ScoreFeed:
         analyzer = stream.analyzer
         wall = analyzer.detector.to_wall(hop.t_end)
         msg = scores_payload(node=self.node, source=source, hop=hop, wall_s=wall, labels=self.labels,
-                             thresholds=analyzer.detector.thresholds)
+                             thresholds=analyzer.detector.thresholds, gate_dbfs=analyzer.min_level_dbfs)
         if self.zmq.send(scores_topic(source), json.dumps(msg, separators=(",", ":")).encode("utf-8")):
             self.sent += 1
         else:

@@ -84,6 +84,16 @@ class Stream:
     events: int = 0
     enabled: bool = True
     """False while disabled at run time: audio is still drained (no overrun) but not analysed."""
+    restarts_seen: int = 0
+    """Device reopenings and stream restarts already seen: after one, the running level starts again."""
+
+    def restarted(self) -> bool:
+        """True once after the capture reopened its device or restarted its stream (another room or gain)."""
+        n = getattr(self.capture, "reopens", 0) + getattr(self.capture, "restarts", 0)
+        if n == self.restarts_seen:
+            return False
+        self.restarts_seen = n
+        return True
 
 
 class Worker(threading.Thread):
@@ -154,6 +164,8 @@ class Worker(threading.Thread):
                     continue  # drained so the ring cannot overrun, but not analysed
                 for tap in self.taps:
                     tap.on_audio(stream.source.name, samples)
+                if stream.restarted():
+                    stream.analyzer.features.restart_level()  # no scoring against the old device's level
                 frames[i] = stream.analyzer.frames(samples)
                 fed.append(i)
             elif stream.capture.finished:
@@ -215,7 +227,8 @@ class Service:
         self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop)
         self.worker.start()
         names = ", ".join(s.source.name for s in self.streams)
-        _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
+        labels = [label for label in self.loaded.labels if label in (self.config.detect.labels or self.loaded.labels)]
+        _LOGGER.info("listening on %s for %s", names, ", ".join(labels))
         self.notifier.ready(f"listening on {names}")
 
     def _analyzer(self, source: SourceConfig, config: Config | None = None) -> StreamAnalyzer:
@@ -290,6 +303,10 @@ class Service:
             for stream in self.streams:
                 stream.analyzer.detector.set_rules(rules)
                 stream.analyzer.min_level_dbfs = new.detect.min_level_dbfs
+            for tap in self.taps:  # run-time settings (MQTT thresholds) go back on top of the file's
+                on_reload = getattr(tap, "on_reload", None)
+                if on_reload is not None:
+                    on_reload(new)
 
         self.worker.call_soon(apply)
         for stream in gone:

@@ -12,6 +12,7 @@ import numpy as np
 import soundfile as sf
 
 from ..resample import StreamingResampler
+from ..config import readable_file_problem
 from .base import Capture, CaptureError, _Pacer
 
 if TYPE_CHECKING:  # only for annotations: capture works with any object with these attributes
@@ -41,6 +42,8 @@ class FileCapture(Capture):
         path = self.cfg.path
         if not path:
             raise CaptureError(f"source '{self.name}' has kind = \"file\" but no path: set `path`")
+        if why := readable_file_problem(str(path)):
+            raise CaptureError(f"cannot read {why}")
         try:
             self._file = sf.SoundFile(str(path))
         except _SF_ERRORS as exc:
@@ -67,6 +70,10 @@ class FileCapture(Capture):
         if channel is not None and not 0 <= int(channel) < f.channels:
             _LOGGER.warning("source %s: file has %d channel(s); ignoring channel %s", self.name, f.channels, channel)
             channel = None
+        # A looped short file is decoded once and replayed from memory: decoding again on every pass
+        # costs CPU and repeats the decoder's own stderr messages (libmpg123 prints a few per pass of
+        # some mp3 files, thousands a minute for a short clip looped as fast as possible).
+        cache: list[np.ndarray] | None = [] if self.cfg.loop and f.frames <= LOOP_CACHE_S * f.samplerate else None
         try:
             while not self._stopping():
                 try:
@@ -81,18 +88,35 @@ class FileCapture(Capture):
                     )
                     break
                 if x.shape[0] == 0:
+                    if cache:
+                        self._replay(cache, pace)
+                        break
                     if self.cfg.loop and f.frames > 0:
                         f.seek(0)
                         continue
                     break
                 mono = x[:, int(channel)] if channel is not None else x.mean(axis=1, dtype=np.float32)
-                if not self._emit(np.ascontiguousarray(mono, dtype=np.float32), pace):
+                mono = np.ascontiguousarray(mono, dtype=np.float32)
+                if cache is not None:
+                    cache.append(mono)
+                if not self._emit(mono, pace):
                     break
         finally:
             f.close()
             self.source_done.set()
             self.ring.notify()
 
+    def _replay(self, cache: list[np.ndarray], pace: _Pacer | None) -> None:
+        """Loop the decoded blocks of a short file until stop."""
+        while not self._stopping():
+            for mono in cache:
+                if not self._emit(mono, pace):
+                    return
+
+
+
+LOOP_CACHE_S = 600.0
+"""A looped file up to this long (s) is decoded once and replayed from memory (at most about 115 MB at 48 kHz)."""
 
 
 def iter_file_blocks(path: str | os.PathLike[str], target_rate: int, block_s: float = 1.0) -> Iterator[np.ndarray]:
@@ -103,6 +127,8 @@ def iter_file_blocks(path: str | os.PathLike[str], target_rate: int, block_s: fl
     first block; a file corrupt in the middle yields everything decoded before the
     corruption and then raises `CaptureError` (so the caller can report partial results).
     """
+    if why := readable_file_problem(str(path)):
+        raise CaptureError(f"cannot read {why}")
     try:
         f = sf.SoundFile(str(path))
     except _SF_ERRORS as exc:

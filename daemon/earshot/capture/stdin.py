@@ -9,7 +9,7 @@ import sys
 import threading
 from typing import IO, TYPE_CHECKING
 
-from .base import Capture, _S16Decoder
+from .base import Capture, CaptureError, _S16Decoder
 
 if TYPE_CHECKING:  # only for annotations: capture works with any object with these attributes
     from ..config import SourceConfig
@@ -34,6 +34,10 @@ class StdinCapture(Capture):
         """Start the reader thread."""
         self._setup_rate(self.RATE)
         if self._stream is None:
+            if sys.stdin is None or getattr(sys.stdin, "buffer", None) is None or sys.stdin.closed:
+                raise CaptureError(f"source '{self.name}' (kind = \"stdin\") reads standard input, but standard "
+                                   "input is closed; pipe audio in (ffmpeg ... -f s16le - | earshot run) or use "
+                                   "another kind of source")
             self._stream = sys.stdin.buffer
         _LOGGER.info("source %s: reading s16le mono %d Hz from standard input", self.name, self.RATE)
         self._spawn(self._run, "stdin")
