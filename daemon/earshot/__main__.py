@@ -41,13 +41,35 @@ def _config(path: str | None) -> Config:
     return load_config(_config_path(path))
 
 
+def model_file(config: Config) -> Path:
+    """The model file to run: `[model] path`, else the shipped model on the default runtime.
+
+    The shipped model comes as a torch checkpoint and as its ONNX export (same network, tested
+    equal). Where onnxruntime is installed the export runs: it never imports torch, so a daemon
+    takes about half the memory (about 140 MB against 320 MB) and scores a stream in about half
+    the CPU time. Without onnxruntime the checkpoint runs on torch.
+    """
+    import importlib.util
+
+    from .modelspec import default_model_path
+
+    if config.model.path:
+        return Path(config.model.path)
+    path = default_model_path()
+    onnx = path.with_suffix(".onnx")
+    if onnx.is_file() and importlib.util.find_spec("onnxruntime") is not None:
+        return onnx
+    return path
+
+
 def _load_model(config: Config):
     """The configured model: a .pt checkpoint runs on torch, an .onnx export on ONNX Runtime (no torch)."""
     from .backend import load_model
-    from .modelspec import default_model_path
 
-    path = Path(config.model.path) if config.model.path else default_model_path()
-    return load_model(path, threads=config.model.threads)
+    path = model_file(config)
+    loaded = load_model(path, threads=config.model.threads)
+    _LOGGER.debug("model %s: runtime %s", path, loaded.backend)
+    return loaded
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,7 +98,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     loaded = _load_model(config)
     hop_frames(config.frontend, loaded)  # the window must match the model's before any device opens
     rules = make_rules(loaded.labels, loaded.thresholds, config.detect)
-    _LOGGER.info("earshot %s, model %s; thresholds %s", __version__, loaded.provenance.get("name", "earshot"),
+    _LOGGER.info("earshot %s, model %s (%s, runtime %s); thresholds %s", __version__,
+                 loaded.provenance.get("name", "earshot"), model_file(config).name, loaded.backend,
                  ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
     service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None,

@@ -28,6 +28,8 @@ from .backend import ScoringModel as LoadedModel  # a torch LoadedModel or an On
 
 SILENCE_DBFS = -120.0
 """Level reported for digital silence (dBFS)."""
+_NO_MEL = np.zeros(0, dtype=np.float32)
+"""`Hop.mel` while nobody reads spectrogram columns."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +158,8 @@ class StreamAnalyzer(_Analyzer):
         self._scorer: Any = None  # built on the first push(); the service's worker shares one scorer instead
         self.frames_out = 0
         self._recent = np.zeros((0, self.params.n_mels), dtype=np.float32)  # the frames of the last hop or more
+        self.mel_wanted = True
+        """Whether hops carry their spectrogram column; the worker turns it off while no tap reads `Hop.mel`."""
 
     def push(self, samples: np.ndarray) -> list[Event]:
         """Feed audio (float32 mono at the model rate); returns the events it completed."""
@@ -171,7 +175,7 @@ class StreamAnalyzer(_Analyzer):
         self.audio.append(samples)
         frames = self.features.push(samples)
         self.frames_out += len(frames)
-        if self.on_hop is not None:
+        if self.on_hop is not None and self.mel_wanted:
             self._recent = np.concatenate([self._recent, frames])[-(self.hop_frames + len(frames)):]
         return frames
 
@@ -179,8 +183,11 @@ class StreamAnalyzer(_Analyzer):
         """Second half of `push`: the scorer's (end_frame, scores) for this stream in, events out."""
         events: list[Event] = []
         for end_frame, scores in results:
-            back = self.frames_out - end_frame  # frames received after this window ended
-            hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
+            if self.mel_wanted:
+                back = self.frames_out - end_frame  # frames received after this window ended
+                hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
+            else:
+                hop_mel = _NO_MEL
             events += self._hop(end_frame, scores, hop_mel.mean(axis=0) if len(hop_mel) else hop_mel)
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
         self.audio.keep_from(self._first_sample_needed(next_end))

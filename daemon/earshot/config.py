@@ -210,6 +210,22 @@ class ClipsConfig:
     """HTTP address and TCP port (`host:port`; port 0 = any free port); loopback by default."""
 
 
+MAX_WORKER_PROCESSES = 64
+"""Upper bound of `[worker] processes`."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the detection work is spread over the machine's cores."""
+
+    processes: int = 0
+    """Worker processes the sources are spread over (0..64). 0 = automatic: one process per
+    `streams_per_process` sources, at most one per CPU core this process may use; 1 = every source
+    in the daemon's own process (no child process)."""
+    streams_per_process: int = 32
+    """Automatic mode: sources per worker process before another one starts (1..1000)."""
+
+
 def _default_state_dir() -> str | None:
     # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated if several).
     value = os.environ.get("STATE_DIRECTORY", "")
@@ -235,6 +251,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     state_dir: str | None = field(default_factory=_default_state_dir)
     """Directory for the MQTT spool, run-time settings and clips; unset = $STATE_DIRECTORY, else none (all in memory)."""
 
@@ -381,6 +398,10 @@ def _check(c: Config) -> list[str]:
         p.append("frontend.chunk_hop: must be positive and no longer than chunk_size")
     elif abs(round(f.chunk_hop / 0.01) * 0.01 - f.chunk_hop) > 1e-9:
         p.append(f"frontend.chunk_hop: {f.chunk_hop} s is not a multiple of the 10 ms frame")
+    if not 0 <= c.worker.processes <= MAX_WORKER_PROCESSES:
+        p.append(f"worker.processes: {c.worker.processes} is outside 0..{MAX_WORKER_PROCESSES} (0 = automatic)")
+    if not 1 <= c.worker.streams_per_process <= 1000:
+        p.append(f"worker.streams_per_process: {c.worker.streams_per_process} is outside 1..1000")
     if c.model.threads < 1:
         p.append("model.threads: must be 1 or more")
     d = c.detect

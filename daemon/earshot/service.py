@@ -32,8 +32,13 @@ from .sdnotify import Notifier
 
 _LOGGER = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 0.02
-"""How long the worker waits for audio on its first source per loop (s); well under a hop."""
+TICK_S = 0.025
+"""Longest sleep of the worker between two looks at its sources (s). With several sources the
+worker wakes at this pace and scores every source whose next hop is complete in one batched
+pass, so a hop waits at most this long once its audio is in; with one source it sleeps until
+that source's next hop is due."""
+MIN_SLEEP_S = 0.002
+"""Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
 STALL_S = 10.0
 """A worker that has not looped for this long has stalled (s): the watchdog is no longer fed."""
 JOIN_S = 5.0
@@ -61,6 +66,14 @@ class Tap(Protocol):
     """Something that watches the streams from the worker thread (clips, metrics, score feeds).
 
     Called in the worker thread: it must be quick and must not raise (log and count instead).
+
+    Optional attributes (read every loop, so they may be properties that change at run time) say
+    what a tap needs, so that nothing is computed per hop that nobody reads; a tap without them
+    gets everything:
+
+    - `wants_audio` (default True): call `on_audio` with every block read;
+    - `wants_hops` (default True): call `on_hop` for every scored window;
+    - `wants_mel` (default True): `Hop.mel` must hold the spectrogram column (else it is empty).
     """
 
     def on_audio(self, source: str, samples: np.ndarray) -> None:
@@ -73,9 +86,9 @@ class Tap(Protocol):
         """An event about to be published; may return a copy with more fields (e.g. a clip)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Stream:
-    """One source as the worker sees it."""
+    """One source as the worker sees it (compared by identity)."""
 
     source: SourceConfig
     capture: Capture
@@ -84,25 +97,71 @@ class Stream:
     events: int = 0
     enabled: bool = True
     """False while disabled at run time: audio is still drained (no overrun) but not analysed."""
+    hops: int = 0
+    """Windows scored."""
+    lag_s: float = 0.0
+    """Age of the newest audio of the latest hop when it was scored (s): ring backlog + waiting + compute."""
+    read_at: float = 0.0
+    """time.monotonic() of the latest read from the capture."""
+    backlog_s: float = 0.0
+    """Audio left in the capture's ring after the latest read (s)."""
+
+
+def _due(stream: Stream) -> tuple[int | None, float]:
+    """How much to read from `stream` now: (samples at the source rate or None for all, seconds until due).
+
+    A source is read when its ring holds the audio that completes the stream's next window (and
+    whole hops beyond it when it is behind): every read then yields exactly one hop of frames, so
+    all streams that are due share one forward pass, and nothing is computed per capture block.
+    (0, wait) means not due yet. Captures without a ring, disabled streams and ended sources are
+    drained whole.
+    """
+    cap = stream.capture
+    ring = getattr(cap, "ring", None)
+    if ring is None or not stream.enabled or cap.source_done.is_set():
+        return None, TICK_S
+    a = stream.analyzer
+    p = a.params
+    chunk, hop, seen = p.chunk_frames, a.hop_frames, a.frames_out
+    end_frame = chunk if seen < chunk else seen + hop - (seen - chunk) % hop  # next window end after `seen`
+    need = max(1, (end_frame - 1) * p.hop_length + p.win_length - a.audio.end)  # at the model rate
+    rate, target = cap.samplerate, cap.target_rate
+    hop_src = a.hop_samples
+    if rate != target:
+        need = -(-need * rate // target) + cap._resampler.latency_in_samples
+        hop_src = max(1, a.hop_samples * rate // target)
+    available = ring.available()
+    if available < need:
+        return 0, (need - available) / rate
+    return need + (available - need) // hop_src * hop_src, 0.0
 
 
 class Worker(threading.Thread):
-    """The one detection thread: reads every source, scores their hops, publishes their events.
+    """The detection thread: reads every source, scores their hops, publishes their events.
 
-    One thread for all sources keeps the daemon's footprint flat as microphones are added, and
-    their hops share one batched forward pass per loop (`multi_stream_scorer`).
+    One thread for a set of sources keeps the footprint flat as microphones are added, and
+    their hops share one batched forward pass per loop (`multi_stream_scorer`). Per hop it does
+    only what a tap asks for (see `Tap`).
     """
 
     def __init__(self, streams: list[Stream], loaded: LoadedModel, publish: Callable[[Event], None],
-                 taps: list[Tap], stop: threading.Event):
-        super().__init__(name="earshot-worker", daemon=True)
+                 taps: list[Tap], stop: threading.Event, name: str = "earshot-worker"):
+        super().__init__(name=name, daemon=True)
         self.streams, self.publish, self.taps, self.stop = streams, publish, taps, stop
         first = streams[0].analyzer
         self.scorer = loaded.multi_stream_scorer(first.params.chunk_frames, first.hop_frames, len(streams))
         self.n_mels = first.params.n_mels
+        self.no_frames = np.zeros((0, self.n_mels), dtype=np.float32)
         self.heartbeat = time.monotonic()
         self.failed = False
         self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.audio_taps: list[Tap] = []
+        self.hop_taps: list[Tap] = []
+        self.mel_wanted = True
+        self.generation = 0
+        """Bumped whenever the list of streams changes (Service.stream's cache)."""
+        for stream in streams:
+            self._adopt(stream)
 
     def call_soon(self, fn: Callable[[], None]) -> None:
         """Run `fn` in the worker thread between two reads (for run-time changes from other threads)."""
@@ -115,7 +174,36 @@ class Worker(threading.Thread):
             if stream not in streams and not stream.done:
                 stream.done = True
                 self._emit(stream, stream.analyzer.finish())
+        for stream in streams:
+            self._adopt(stream)
         self.streams[:] = streams
+        self.generation += 1
+
+    def _adopt(self, stream: Stream) -> None:
+        """Route the stream's hops through this worker (lag, hop counter, the taps that want hops)."""
+        name, analyzer = stream.source.name, stream.analyzer
+        analyzer.mel_wanted = self.mel_wanted
+
+        def on_hop(hop: Hop) -> None:
+            stream.hops += 1
+            # The newest sample read arrived at read_at with backlog_s more behind it in the ring;
+            # the hop's end is older by the audio read after it.
+            stream.lag_s = (time.monotonic() - stream.read_at + stream.backlog_s
+                            + max(0.0, analyzer.seconds_in - hop.t_end))
+            for tap in self.hop_taps:
+                tap.on_hop(name, hop)
+
+        analyzer.on_hop = on_hop
+
+    def _listeners(self) -> None:
+        """Which taps want audio, hops and spectrogram columns now (they may change their minds)."""
+        self.audio_taps = [t for t in self.taps if getattr(t, "wants_audio", True)]
+        self.hop_taps = [t for t in self.taps if getattr(t, "wants_hops", True)]
+        mel = any(getattr(t, "wants_mel", True) for t in self.hop_taps)
+        if mel != self.mel_wanted:
+            self.mel_wanted = mel
+            for stream in self.streams:
+                stream.analyzer.mel_wanted = mel
 
     def run(self) -> None:
         try:
@@ -131,41 +219,55 @@ class Worker(threading.Thread):
                 self.calls.get_nowait()()
             if all(s.done for s in self.streams):
                 return
-            self._step()
+            self._listeners()
+            wait = self._step()
             self.heartbeat = time.monotonic()
+            if wait > 0:
+                self.stop.wait(wait)
         for stream in self.streams:
             if not stream.done:
                 self._emit(stream, stream.analyzer.finish())
 
-    def _step(self) -> None:
-        """Read every source once and score all their new frames in one batched pass."""
-        empty = np.zeros((0, self.n_mels), dtype=np.float32)
-        frames = [empty] * len(self.streams)
+    def _step(self) -> float:
+        """Read every source that is due and score all their new frames in one batched pass.
+
+        Returns how long to sleep before the next look (s).
+        """
+        frames = [self.no_frames] * len(self.streams)
         fed: list[int] = []
-        waited = False
+        wait = TICK_S
+        now = time.monotonic()
         for i, stream in enumerate(self.streams):
             if stream.done:
                 continue
-            # Block briefly on the first live source only; the others are drained without waiting.
-            samples = stream.capture.read(0.0 if waited else READ_TIMEOUT_S)
-            waited = True
+            n, due_in = _due(stream)
+            if n == 0:
+                wait = min(wait, due_in)
+                continue
+            cap = stream.capture
+            samples = cap.read(0.0) if n is None else cap.read(0.0, n)
             if samples.size:
+                stream.read_at = now
+                ring = getattr(cap, "ring", None)
+                stream.backlog_s = ring.available() / cap.samplerate if ring is not None else 0.0
                 if not stream.enabled:
                     continue  # drained so the ring cannot overrun, but not analysed
-                for tap in self.taps:
+                for tap in self.audio_taps:
                     tap.on_audio(stream.source.name, samples)
                 frames[i] = stream.analyzer.frames(samples)
                 fed.append(i)
-            elif stream.capture.finished:
+            elif cap.finished:
                 stream.done = True
                 _LOGGER.info("source %r ended after %.1f s of audio", stream.source.name,
                              stream.analyzer.seconds_in)
                 self._emit(stream, stream.analyzer.finish())
-        if not fed:
-            return
-        results = self.scorer.push(frames)
-        for i in fed:
-            self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
+        if fed:
+            results = self.scorer.push(frames)
+            for i in fed:
+                self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
+        live = sum(1 for s in self.streams if not s.done)
+        # Several sources: a steady tick, so that sources due at about the same time share a pass.
+        return max(MIN_SLEEP_S, wait if live <= 1 else TICK_S)
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""
@@ -194,11 +296,20 @@ class Service:
         self.taps = list(taps or [])
         self.stop = stop or threading.Event()
         self.streams: list[Stream] = []
+        self._by_name: dict[str, Stream] = {}
+        self._by_name_generation: tuple[int, int] = (-1, -1)
         self.worker: Worker | None = None
 
     def stream(self, name: str) -> Stream | None:
         """The running stream of the source called `name` (looked up anew: a reload may replace it)."""
-        return next((s for s in self.streams if s.source.name == name), None)
+        # Taps call this per hop: a dict look-up, rebuilt only when the list of streams changed.
+        generation = (getattr(self.worker, "generation", 0), len(self.streams))
+        if generation != self._by_name_generation:
+            self._by_name = {}
+            for s in self.streams:
+                self._by_name.setdefault(s.source.name, s)
+            self._by_name_generation = generation
+        return self._by_name.get(name)
 
     def start(self) -> None:
         """Open every source and start the worker; raises CaptureError if a source cannot open."""
@@ -219,14 +330,9 @@ class Service:
         self.notifier.ready(f"listening on {names}")
 
     def _analyzer(self, source: SourceConfig, config: Config | None = None) -> StreamAnalyzer:
+        """A stream's analyzer; the worker that adopts it routes its hops (`Worker._adopt`)."""
         config = config or self.config
-
-        def on_hop(hop: Hop) -> None:
-            for tap in self.taps:
-                tap.on_hop(source.name, hop)
-
-        return StreamAnalyzer(self.loaded, config.frontend, config.detect, source=source.name, node=config.node,
-                              on_hop=on_hop if self.taps else None)
+        return StreamAnalyzer(self.loaded, config.frontend, config.detect, source=source.name, node=config.node)
 
     def supervise(self) -> int:
         """Watch the worker until stop; returns the process exit code."""

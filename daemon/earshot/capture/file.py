@@ -67,10 +67,13 @@ class FileCapture(Capture):
         if channel is not None and not 0 <= int(channel) < f.channels:
             _LOGGER.warning("source %s: file has %d channel(s); ignoring channel %s", self.name, f.channels, channel)
             channel = None
+        # libsndfile is asked for about half a second at a time and the blocks are cut from that:
+        # one read call per block costs more than the block's samples (50 calls a second per source).
+        per_read = block * max(1, round(0.5 * f.samplerate / block))
         try:
             while not self._stopping():
                 try:
-                    x = f.read(block, dtype="float32", always_2d=True)
+                    x = f.read(per_read, dtype="float32", always_2d=True)
                 except _SF_ERRORS as exc:
                     _LOGGER.error(
                         "source %s: %s is corrupt after %.2f s (%s); keeping what was read",
@@ -86,7 +89,8 @@ class FileCapture(Capture):
                         continue
                     break
                 mono = x[:, int(channel)] if channel is not None else x.mean(axis=1, dtype=np.float32)
-                if not self._emit(np.ascontiguousarray(mono, dtype=np.float32), pace):
+                mono = np.ascontiguousarray(mono, dtype=np.float32)
+                if not all(self._emit(mono[i:i + block], pace) for i in range(0, len(mono), block)):
                     break
         finally:
             f.close()
