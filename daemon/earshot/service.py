@@ -39,6 +39,10 @@ pass, so a hop waits at most this long once its audio is in; with one source it 
 that source's next hop is due."""
 MIN_SLEEP_S = 0.002
 """Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
+BLOCK_SLACK_S = 0.02
+"""With one source, the worker sleeps this much past the moment the next hop's audio is due (s):
+audio arrives in capture blocks (20 ms by default), so waking exactly on time would mostly find
+the block not yet written and wake again."""
 STALL_S = 10.0
 """A worker that has not looped for this long has stalled (s): the watchdog is no longer fed."""
 JOIN_S = 5.0
@@ -223,7 +227,9 @@ class Worker(threading.Thread):
             wait = self._step()
             self.heartbeat = time.monotonic()
             if wait > 0:
-                self.stop.wait(wait)
+                # A plain sleep: an Event wait with a timeout allocates a lock each time, and this
+                # runs tens of times a second; a stop is still seen within TICK_S + a hop.
+                time.sleep(wait)
         for stream in self.streams:
             if not stream.done:
                 self._emit(stream, stream.analyzer.finish())
@@ -267,7 +273,7 @@ class Worker(threading.Thread):
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
         live = sum(1 for s in self.streams if not s.done)
         # Several sources: a steady tick, so that sources due at about the same time share a pass.
-        return max(MIN_SLEEP_S, wait if live <= 1 else TICK_S)
+        return max(MIN_SLEEP_S, wait + BLOCK_SLACK_S if live <= 1 and wait < TICK_S else TICK_S)
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""
