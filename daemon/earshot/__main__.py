@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                  ", ".join(f"{k} {r.threshold:.2f}" for k, r in rules.items()))
     publisher = Fanout(make_publishers(config))
     service = Service(config, loaded, publisher, reload_config=(lambda: load_config(path)) if path else None,
-                      stop=stop, reload_requested=reload_requested)
+                      stop=stop, reload_requested=reload_requested, model_path=model_file(config))
     attach_metrics(service)  # Prometheus endpoint ([metrics]); logs and carries on if it cannot serve
     try:
         integrations = attach(service, config, publisher)  # control, Home Assistant, clips, score feed

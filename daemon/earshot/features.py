@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from scipy.signal import lfilter
 
 _LOGGER = logging.getLogger(__name__)
 
+_LOOP_FRAMES = 64
+"""Up to this many frames the level filter runs as a Python loop (live blocks), beyond it in scipy."""
 _BLOCK_FRAMES = 4096
 """Frames per vectorised STFT block in `log_mel`: bounds memory (about 17 MB) on hour-long files."""
 
@@ -249,9 +250,23 @@ def _level(frame_means: np.ndarray, p: FrontendParams, zi: np.ndarray | None) ->
     `zi=None` starts a new stream: the state is chosen so that level[0] == m[0] (no
     warm-up transient from an arbitrary initial level).
     """
-    b, a = _level_filter(p)
     if zi is None:
         zi = np.array([p.level_alpha * frame_means[0]])
+    if len(frame_means) <= _LOOP_FRAMES:
+        # A live block is a hop (10 frames): the recurrence in Python is faster than a call into
+        # scipy, and leaves scipy.signal (about 1 s and 30 MB to import) out of the daemon.
+        alpha = p.level_alpha
+        gain = 1.0 - alpha
+        state = float(zi[0])
+        level = np.empty(len(frame_means))
+        for i, m in enumerate(frame_means.tolist()):
+            value = state + gain * m
+            level[i] = value
+            state = alpha * value
+        return level, np.array([state])
+    from scipy.signal import lfilter  # offline: whole files
+
+    b, a = _level_filter(p)
     level, zf = lfilter(b, a, frame_means, zi=zi)
     return level, zf
 

@@ -57,6 +57,8 @@ def scores_payload(*, node: str, source: str, hop: Hop, wall_s: float, labels: l
 class ScoreFeed:
     """Sends one score message per hop through the ZeroMQ publisher; a service tap."""
 
+    wants_audio = False
+
     def __init__(self, zmq_publisher: Any, service: Any) -> None:
         """`zmq_publisher` needs `send(topic, payload)`; `service` gives the streams and labels."""
         self.zmq = zmq_publisher

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -29,6 +30,7 @@ from .events import Event
 from .backend import ScoringModel as LoadedModel
 from .publish import Fanout
 from .sdnotify import Notifier
+from .workers import WorkerPool, process_count
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -109,6 +111,8 @@ class Stream:
     """time.monotonic() of the latest read from the capture."""
     backlog_s: float = 0.0
     """Audio left in the capture's ring after the latest read (s)."""
+    compute_s: float | None = None
+    """Compute behind the latest hop: reading, log-mel and the batched forward pass it was scored in (s)."""
 
 
 def _due(stream: Stream) -> tuple[int | None, float]:
@@ -117,12 +121,14 @@ def _due(stream: Stream) -> tuple[int | None, float]:
     A source is read when its ring holds the audio that completes the stream's next window (and
     whole hops beyond it when it is behind): every read then yields exactly one hop of frames, so
     all streams that are due share one forward pass, and nothing is computed per capture block.
-    (0, wait) means not due yet. Captures without a ring, disabled streams and ended sources are
-    drained whole.
+    (0, wait) means not due yet. Disabled streams and ended sources are drained whole; captures
+    without a ring (test doubles) are read on every loop and do their own waiting.
     """
     cap = stream.capture
     ring = getattr(cap, "ring", None)
-    if ring is None or not stream.enabled or cap.source_done.is_set():
+    if ring is None:
+        return None, 0.0
+    if not stream.enabled or cap.source_done.is_set():
         return None, TICK_S
     a = stream.analyzer
     p = a.params
@@ -164,6 +170,10 @@ class Worker(threading.Thread):
         self.mel_wanted = True
         self.generation = 0
         """Bumped whenever the list of streams changes (Service.stream's cache)."""
+        self.on_step: Callable[[], None] | None = None
+        """Called after every loop (a worker process sends what the loop produced)."""
+        self.log_events = True
+        self._step_started = time.perf_counter()
         for stream in streams:
             self._adopt(stream)
 
@@ -190,6 +200,7 @@ class Worker(threading.Thread):
 
         def on_hop(hop: Hop) -> None:
             stream.hops += 1
+            stream.compute_s = time.perf_counter() - self._step_started
             # The newest sample read arrived at read_at with backlog_s more behind it in the ring;
             # the hop's end is older by the audio read after it.
             stream.lag_s = (time.monotonic() - stream.read_at + stream.backlog_s
@@ -226,6 +237,8 @@ class Worker(threading.Thread):
             self._listeners()
             wait = self._step()
             self.heartbeat = time.monotonic()
+            if self.on_step is not None:
+                self.on_step()
             if wait > 0:
                 # A plain sleep: an Event wait with a timeout allocates a lock each time, and this
                 # runs tens of times a second; a stop is still seen within TICK_S + a hop.
@@ -239,6 +252,7 @@ class Worker(threading.Thread):
 
         Returns how long to sleep before the next look (s).
         """
+        self._step_started = time.perf_counter()
         frames = [self.no_frames] * len(self.streams)
         fed: list[int] = []
         wait = TICK_S
@@ -247,8 +261,8 @@ class Worker(threading.Thread):
             if stream.done:
                 continue
             n, due_in = _due(stream)
+            wait = min(wait, due_in)
             if n == 0:
-                wait = min(wait, due_in)
                 continue
             cap = stream.capture
             samples = cap.read(0.0) if n is None else cap.read(0.0, n)
@@ -273,6 +287,8 @@ class Worker(threading.Thread):
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
         live = sum(1 for s in self.streams if not s.done)
         # Several sources: a steady tick, so that sources due at about the same time share a pass.
+        if wait <= 0:
+            return MIN_SLEEP_S  # a capture without a ring: its read waits
         return max(MIN_SLEEP_S, wait + BLOCK_SLACK_S if live <= 1 and wait < TICK_S else TICK_S)
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
@@ -284,7 +300,8 @@ class Worker(threading.Thread):
             for tap in self.taps:
                 event = tap.on_event(event)
             stream.events += 1
-            _LOGGER.info("%s %s on %s (score %.2f)", event.type, event.label, event.source, event.score)
+            if self.log_events:
+                _LOGGER.info("%s %s on %s (score %.2f)", event.type, event.label, event.source, event.score)
             self.publish(event)
 
 
@@ -294,8 +311,11 @@ class Service:
     def __init__(self, config: Config, loaded: LoadedModel, publisher: Fanout,
                  notifier: Notifier | None = None, taps: list[Tap] | None = None,
                  reload_config: Callable[[], Config] | None = None, stop: threading.Event | None = None,
-                 reload_requested: threading.Event | None = None):
+                 reload_requested: threading.Event | None = None, model_path: Path | None = None):
+        """`model_path`: the file `loaded` came from; worker processes load it again. Without it
+        (a model built in memory) every source runs in this process, whatever `[worker]` says."""
         self.config, self.loaded, self.publisher = config, loaded, publisher
+        self.model_path = model_path
         self.reload_config = reload_config
         self.reload_requested = reload_requested or threading.Event()
         self.notifier = notifier or Notifier()
@@ -304,7 +324,7 @@ class Service:
         self.streams: list[Stream] = []
         self._by_name: dict[str, Stream] = {}
         self._by_name_generation: tuple[int, int] = (-1, -1)
-        self.worker: Worker | None = None
+        self.worker: Worker | WorkerPool | None = None
 
     def stream(self, name: str) -> Stream | None:
         """The running stream of the source called `name` (looked up anew: a reload may replace it)."""
@@ -319,6 +339,10 @@ class Service:
 
     def start(self) -> None:
         """Open every source and start the worker; raises CaptureError if a source cannot open."""
+        processes = process_count(self.config) if self.model_path is not None else 1
+        if processes > 1:
+            self._start_processes(processes)
+            return
         sr = self.loaded.frontend.sample_rate
         try:
             for source in self.config.active_sources:
@@ -331,6 +355,19 @@ class Service:
             raise
         self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop)
         self.worker.start()
+        names = ", ".join(s.source.name for s in self.streams)
+        _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
+        self.notifier.ready(f"listening on {names}")
+
+    def _start_processes(self, processes: int) -> None:
+        """Spread the sources over worker processes (round robin) and wait until all listen."""
+        sources = list(self.config.active_sources)
+        groups = [sources[i::processes] for i in range(processes)]
+        assert self.model_path is not None
+        pool = WorkerPool(self, groups, self.model_path)
+        self.worker = pool
+        pool.start()
+        self.streams = pool.streams  # the same list: reloads change it in place
         names = ", ".join(s.source.name for s in self.streams)
         _LOGGER.info("listening on %s for %s", names, ", ".join(self.loaded.labels))
         self.notifier.ready(f"listening on {names}")
@@ -377,13 +414,16 @@ class Service:
             _LOGGER.error("reload ignored: %s", e)
             self.notifier.ready("reload ignored: invalid configuration")
             return
-        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node", "metrics"):
+        for section in ("model", "frontend", "mqtt", "zmq", "stdout", "node", "metrics", "worker"):
             if getattr(new, section) != getattr(self.config, section):
                 _LOGGER.warning("reload: [%s] changed; restart earshot to apply it", section)
         old_sources = {s.name: s for s in self.config.active_sources}
         new_sources = {s.name: s for s in new.active_sources}
         keep = {n for n in old_sources if new_sources.get(n) == old_sources[n]}
         rules = make_rules(self.loaded.labels, self.loaded.thresholds, new.detect)
+        if isinstance(self.worker, WorkerPool):
+            self._reload_processes(new, keep, rules)
+            return
         added: list[Stream] = []
         for name, source in new_sources.items():
             if name in keep:
@@ -408,7 +448,24 @@ class Service:
             stream.capture.stop()
         self.config = replace(new, model=self.config.model, frontend=self.config.frontend, mqtt=self.config.mqtt,
                               zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node,
-                              metrics=self.config.metrics)
+                              metrics=self.config.metrics, worker=self.config.worker)
+        _LOGGER.info("configuration reloaded: %d source(s) kept, %d started, %d stopped",
+                     len(keep), len(added), len(gone))
+        self.notifier.ready(f"listening on {', '.join(s.name for s in self.config.active_sources)}")
+
+    def _reload_processes(self, new: Config, keep: set[str], rules: dict) -> None:
+        """`reload` with worker processes: the proxies forward the changes to them."""
+        assert isinstance(self.worker, WorkerPool)
+        added = [s for s in new.active_sources if s.name not in keep]
+        gone = [s.source.name for s in self.streams if s.source.name not in keep]
+        self.worker.reload_sources(added, gone, rules, new.detect.min_level_dbfs)
+        for stream in self.streams:
+            if stream.source.name in keep:
+                stream.analyzer.detector.set_rules(rules)
+                stream.analyzer.min_level_dbfs = new.detect.min_level_dbfs
+        self.config = replace(new, model=self.config.model, frontend=self.config.frontend, mqtt=self.config.mqtt,
+                              zmq=self.config.zmq, stdout=self.config.stdout, node=self.config.node,
+                              metrics=self.config.metrics, worker=self.config.worker)
         _LOGGER.info("configuration reloaded: %d source(s) kept, %d started, %d stopped",
                      len(keep), len(added), len(gone))
         self.notifier.ready(f"listening on {', '.join(s.name for s in self.config.active_sources)}")
