@@ -35,8 +35,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 _LOGGER = logging.getLogger(__name__)
 
-_LOOP_FRAMES = 64
-"""Up to this many frames the level filter runs as a Python loop (live blocks), beyond it in scipy."""
+_LOOP_FRAMES = 1024
+"""Up to this many frames (10 s) the level filter runs as a Python loop (live audio: a hop, or the
+first window, or a ring's worth after a stall), beyond it in scipy (whole files, offline)."""
 _BLOCK_FRAMES = 4096
 """Frames per vectorised STFT block in `log_mel`: bounds memory (about 17 MB) on hour-long files."""
 
@@ -253,8 +254,8 @@ def _level(frame_means: np.ndarray, p: FrontendParams, zi: np.ndarray | None) ->
     if zi is None:
         zi = np.array([p.level_alpha * frame_means[0]])
     if len(frame_means) <= _LOOP_FRAMES:
-        # A live block is a hop (10 frames): the recurrence in Python is faster than a call into
-        # scipy, and leaves scipy.signal (about 1 s and 30 MB to import) out of the daemon.
+        # A live block is mostly a hop (10 frames): the recurrence in Python is faster than a call
+        # into scipy, and leaves scipy.signal (about 1 s and 30 MB to import) out of the daemon.
         alpha = p.level_alpha
         gain = 1.0 - alpha
         state = float(zi[0])

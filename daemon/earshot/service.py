@@ -288,7 +288,7 @@ class Worker(threading.Thread):
         live = sum(1 for s in self.streams if not s.done)
         # Several sources: a steady tick, so that sources due at about the same time share a pass.
         if wait <= 0:
-            return MIN_SLEEP_S  # a capture without a ring: its read waits
+            return 0.0  # a capture without a ring: its read waits
         return max(MIN_SLEEP_S, wait + BLOCK_SLACK_S if live <= 1 and wait < TICK_S else TICK_S)
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:

@@ -341,8 +341,8 @@ class WorkerPool:
                     stream.capture.update(st)
                     stream.analyzer.seconds_in = st["seconds_in"]
                     stream.done = st["done"]
+        self._update_wants()  # subscribers come and go
         if hops:
-            self._update_wants()
             mel = hops.get("mel")
             no_mel = np.zeros(0, dtype=np.float32)
             for k, name in enumerate(hops["source"]):

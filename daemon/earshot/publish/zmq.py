@@ -6,6 +6,10 @@ The topic is `event.<source>.<label>` so a SUB socket can filter by prefix
 blocks: a slow or absent subscriber just misses messages, which is ZeroMQ's documented
 semantics.
 
+The socket is an XPUB (a PUB that also hears subscriptions), so the daemon knows whether
+anyone subscribes to a topic (`has_subscriber`): the score feed is built only while someone
+listens. To subscribers it is a PUB like any other.
+
 With `curve_secret_file` set the socket is a CURVE server: traffic is encrypted and a
 subscriber must know the server's public key (logged at start). Generate a key pair with
 `python -c "import zmq; print(zmq.curve_keypair())"` (public, secret); put the secret in
@@ -17,6 +21,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,9 @@ from earshot.events import Event
 from earshot.publish import PublishError, payload_of, topic_part
 
 log = logging.getLogger(__name__)
+
+SUBSCRIPTIONS_EVERY_S = 0.25
+"""Least time between two reads of the subscriptions (s): a new subscriber gets data within this."""
 
 TOPIC_PREFIX = "event."
 """Prefix of every topic frame; subscribe to it to get all events."""
@@ -72,7 +80,9 @@ class ZmqPublisher:
         self.dropped = 0
         self._closed = False
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.PUB)
+        self._socket = self._context.socket(zmq.XPUB)
+        self._prefixes: set[bytes] = set()  # topic prefixes subscribed to now (XPUB reports each once)
+        self._polled = 0.0
         self.public_key: str | None = None
         """The CURVE server public key (Z85) when encryption is on."""
         secret_file = getattr(config, "curve_secret_file", None)
@@ -134,6 +144,25 @@ class ZmqPublisher:
             except zmq.ZMQError:
                 return False
             return True
+
+    def has_subscriber(self, topic_prefix: bytes) -> bool:
+        """Whether some subscriber would get a topic starting with `topic_prefix` (checked at most 4 times a second)."""
+        now = time.monotonic()
+        if now - self._polled >= SUBSCRIPTIONS_EVERY_S:
+            self._polled = now
+            with self._lock:
+                if self._closed:
+                    return False
+                for _ in range(1000):  # bounded: a hostile client could subscribe without end
+                    try:
+                        msg = self._socket.recv(zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        break
+                    if msg[:1] == b"\x01":
+                        self._prefixes.add(msg[1:])
+                    elif msg[:1] == b"\x00":
+                        self._prefixes.discard(msg[1:])
+        return any(topic_prefix.startswith(p) or p.startswith(topic_prefix) for p in self._prefixes)
 
     def stats(self) -> dict[str, Any]:
         """Counters: `published`, `dropped`."""
