@@ -319,9 +319,12 @@ class WorkerPool:
                     except Exception:  # noqa: BLE001 - a tap bug must not cut off a worker process
                         _LOGGER.exception("delivering a batch from worker process %d failed", child.index)
             elif msg[0] == "exit":
-                child.failed = bool(msg[1])
                 child.exited = True
-                if child.failed:  # its worker thread died; it logged why
+                ended = all(s.done for s in self.streams if s.child is child)  # finite sources all over
+                child.failed = bool(msg[1]) or not (self._stopping or ended)
+                if child.failed:  # its worker thread died (it logged why), or it was stopped alone
+                    if not msg[1]:
+                        _LOGGER.error("worker process %d stopped on its own; stopping earshot", child.index)
                     self.failed = True
                     self.service.stop.set()
                 return
@@ -395,7 +398,8 @@ class WorkerPool:
     # -- shutdown -----------------------------------------------------------------------------
 
     def join(self, timeout_s: float = JOIN_S) -> None:
-        self.stop(timeout_s)
+        """`stop`, given at least JOIN_S: worker processes also write their pending clips."""
+        self.stop(max(timeout_s, JOIN_S))
 
     def stop(self, timeout_s: float = JOIN_S) -> None:
         """Stop every worker process: events finished and relayed, clips written; bounded, then killed."""
@@ -598,7 +602,7 @@ def _child_run(conn: Any, index: int, config: Config, names: list[str], model_pa
     for t in taps:
         close = getattr(t, "close", None)
         if close is not None:
-            close(5.0)
+            close(3.0)  # within the daemon's JOIN_S for this process
     relay.flush(force_stats=True)  # the events that finishing produced
     conn.send(("exit", worker.failed))
     return 1 if worker.failed else 0
