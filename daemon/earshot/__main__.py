@@ -6,11 +6,20 @@ configuration or arguments. User errors print one line, never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import sys
-import threading
+import os
+
+# One BLAS thread, set before numpy loads OpenBLAS: the daemon's matrix products are a hop's
+# frames (10 x 257 by 257 x 64), far too small to split, and idle BLAS threads spin, which on a
+# busy machine costs more CPU than the products. Worker processes inherit it. Cores are used
+# by worker processes instead ([worker]).
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
 from dataclasses import replace
 from pathlib import Path
 
