@@ -86,3 +86,26 @@ def test_taps_that_want_no_hops_are_not_called(tmp_path, loaded):
     quiet = Recorder(wants_hops=False, wants_mel=False)
     _run(tmp_path, loaded, [quiet])
     assert quiet.hops == []
+
+
+def test_push_many_equals_push_per_stream():
+    """The worker's batched log-mel (one FFT for all streams) gives each stream the frames its own
+    StreamingFeatures gives, block after block, whatever the block sizes (tails and level state)."""
+    from earshot.features import StreamingFeatures, push_many
+
+    p = FrontendParams()
+    rng = np.random.default_rng(5)
+    audio = [(rng.standard_normal(48000) * 0.1 * (i + 1)).astype(np.float32) for i in range(5)]
+    single = [StreamingFeatures(p) for _ in audio]
+    many = [StreamingFeatures(p) for _ in audio]
+    pos = [0] * len(audio)
+    for step in range(12):
+        sizes = [int(rng.integers(0, 5000)) if step else 100 for _ in audio]  # 100: no frame yet
+        blocks = [a[q:q + n] for a, q, n in zip(audio, pos, sizes)]
+        pos = [q + n for q, n in zip(pos, sizes)]
+        want = [f.push(b) for f, b in zip(single, blocks)]
+        got = push_many(many, blocks)
+        for w, g in zip(want, got):
+            assert g.shape == w.shape and g.dtype == np.float32
+            np.testing.assert_allclose(g, w, atol=1e-5)
+    assert [f.frames_out for f in many] == [f.frames_out for f in single]

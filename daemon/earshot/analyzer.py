@@ -23,7 +23,7 @@ import numpy as np
 from .config import ConfigError, DetectConfig, FrontendConfig
 from .detect import Detector, make_rules
 from .events import Event
-from .features import StreamingFeatures
+from .features import StreamingFeatures, push_many
 from .backend import ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
 
 SILENCE_DBFS = -120.0
@@ -169,11 +169,20 @@ class StreamAnalyzer(_Analyzer):
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """First half of `push`: audio in, new log-mel frames out (for a scorer shared by several streams)."""
-        samples = _clean(samples)
+        samples = self._take(samples)
         if samples.size == 0:
             return np.zeros((0, self.params.n_mels), dtype=np.float32)
-        self.audio.append(samples)
-        frames = self.features.push(samples)
+        return self._took(self.features.push(samples))
+
+    def _take(self, samples: np.ndarray) -> np.ndarray:
+        """Clean and keep the audio (the part of `frames` before the log-mel)."""
+        samples = _clean(samples)
+        if samples.size:
+            self.audio.append(samples)
+        return samples
+
+    def _took(self, frames: np.ndarray) -> np.ndarray:
+        """Count the new frames (the part of `frames` after the log-mel)."""
         self.frames_out += len(frames)
         if self.on_hop is not None and self.mel_wanted:
             self._recent = np.concatenate([self._recent, frames])[-(self.hop_frames + len(frames)):]
@@ -192,6 +201,16 @@ class StreamAnalyzer(_Analyzer):
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
         self.audio.keep_from(self._first_sample_needed(next_end))
         return events
+
+
+def frames_many(analyzers: list[StreamAnalyzer], blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """`[a.frames(x) for a, x in zip(analyzers, blocks)]` with one log-mel pass for all (`push_many`).
+
+    The service's worker calls this once per loop for every stream that has a hop of audio.
+    """
+    taken = [a._take(x) for a, x in zip(analyzers, blocks)]
+    frames = push_many([a.features for a in analyzers], taken)
+    return [a._took(f) for a, f in zip(analyzers, frames)]
 
 
 class BatchAnalyzer(_Analyzer):

@@ -317,3 +317,56 @@ class StreamingFeatures:
         self._tail = buf[n * p.hop_length :].copy()
         self.frames_out += n
         return (lm - level[:, None]).astype(np.float32)
+
+
+def push_many(fronts: list[StreamingFeatures], blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """`[f.push(x) for f, x in zip(fronts, blocks)]`, with one FFT, filterbank and log for all.
+
+    For a worker that scores many streams per loop: the per-call overhead of a dozen numpy
+    operations on a hop's 10 frames costs more than their arithmetic, so the frames of every
+    stream are gathered into one block. Each frame's numbers are the same as `push` gives
+    (row-wise operations; tested to 1e-6). Streams with other parameters than the first are
+    pushed one by one.
+    """
+    if not fronts:
+        return []
+    p = fronts[0].p
+    out: list[np.ndarray | None] = [None] * len(fronts)
+    bufs: list[np.ndarray] = []
+    starts: list[np.ndarray] = []
+    jobs: list[tuple[int, int]] = []  # (index, frames)
+    offset = 0
+    for i, (f, samples) in enumerate(zip(fronts, blocks)):
+        if f.p is not p and f.p != p:
+            out[i] = f.push(samples)
+            continue
+        x = _as_mono(samples)
+        buf = np.concatenate((f._tail, x)) if f._tail.size else x.astype(np.float64, copy=True)
+        n = frames_in(len(buf), p)
+        if n == 0:
+            f._tail = buf
+            out[i] = np.empty((0, p.n_mels), dtype=np.float32)
+            continue
+        bufs.append(buf)
+        starts.append(offset + p.hop_length * np.arange(n))
+        offset += len(buf)
+        f._tail = buf[n * p.hop_length :].copy()
+        jobs.append((i, n))
+    if jobs:
+        allbuf = np.concatenate(bufs)
+        first = np.concatenate(starts)  # (N,) first sample of every frame, in allbuf
+        lm = np.empty((len(first), p.n_mels), dtype=np.float32)
+        win = np.arange(p.win_length)
+        for a in range(0, len(first), _BLOCK_FRAMES):
+            b = min(len(first), a + _BLOCK_FRAMES)
+            lm[a:b] = _frames_log_mel(allbuf[first[a:b, None] + win], p)  # (n, win) gathered -> (n, n_mels)
+        means = lm.mean(axis=1, dtype=np.float64)
+        k = 0
+        for i, n in jobs:
+            f = fronts[i]
+            level, f._zi = _level(means[k : k + n], p, f._zi)
+            f.frames_out += n
+            out[i] = (lm[k : k + n] - level[:, None]).astype(np.float32)
+            k += n
+    return out  # type: ignore[return-value]
+

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .analyzer import Hop, StreamAnalyzer
+from .analyzer import Hop, StreamAnalyzer, frames_many
 from .capture import Capture, CaptureError, make_capture
 from .config import Config, ConfigError, SourceConfig
 from .detect import make_rules
@@ -255,6 +255,7 @@ class Worker(threading.Thread):
         self._step_started = time.perf_counter()
         frames = [self.no_frames] * len(self.streams)
         fed: list[int] = []
+        blocks: list[np.ndarray] = []
         wait = TICK_S
         now = time.monotonic()
         for i, stream in enumerate(self.streams):
@@ -274,7 +275,7 @@ class Worker(threading.Thread):
                     continue  # drained so the ring cannot overrun, but not analysed
                 for tap in self.audio_taps:
                     tap.on_audio(stream.source.name, samples)
-                frames[i] = stream.analyzer.frames(samples)
+                blocks.append(samples)
                 fed.append(i)
             elif cap.finished:
                 stream.done = True
@@ -282,6 +283,9 @@ class Worker(threading.Thread):
                              stream.analyzer.seconds_in)
                 self._emit(stream, stream.analyzer.finish())
         if fed:
+            # One log-mel pass for every stream read in this loop, then one forward pass.
+            for i, f in zip(fed, frames_many([self.streams[i].analyzer for i in fed], blocks)):
+                frames[i] = f
             results = self.scorer.push(frames)
             for i in fed:
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
