@@ -45,6 +45,9 @@ BLOCK_SLACK_S = 0.02
 """With one source, the worker sleeps this much past the moment the next hop's audio is due (s):
 audio arrives in capture blocks (20 ms by default), so waking exactly on time would mostly find
 the block not yet written and wake again."""
+MAX_HOPS_PER_READ = 10
+"""Most hops read from one source per loop (a loop takes well under a hop, so a source that fell
+behind still catches up many times faster than real time)."""
 STALL_S = 10.0
 """A worker that has not looped for this long has stalled (s): the watchdog is no longer fed."""
 JOIN_S = 5.0
@@ -143,7 +146,10 @@ def _due(stream: Stream) -> tuple[int | None, float]:
     available = ring.available()
     if available < need:
         return 0, (need - available) / rate
-    return need + (available - need) // hop_src * hop_src, 0.0
+    # A source that fell behind catches up at most MAX_HOPS_PER_READ hops per loop: a batch of
+    # seconds of frames for many streams would take hundreds of MB in the runtime (which keeps
+    # its peak), and the other sources would wait for it.
+    return need + min(MAX_HOPS_PER_READ - 1, (available - need) // hop_src) * hop_src, 0.0
 
 
 class Worker(threading.Thread):
