@@ -193,6 +193,9 @@ def test_process_count_and_config():
     assert process_count(config(10, streams_per_process=2), cores=4) == 4
     assert process_count(config(3, processes=8), cores=2) == 3
     assert process_count(config(5, processes=1), cores=16) == 1
+    with_stdin = from_dict({"source": [{"name": "a", "kind": "stdin"}, {"name": "b", "kind": "demo"}],
+                            "worker": {"processes": 2}})
+    assert process_count(with_stdin, cores=4) == 1
     for bad in ({"processes": -1}, {"processes": 65}, {"streams_per_process": 0}):
         with pytest.raises(ConfigError, match="worker."):
             config(2, **bad)

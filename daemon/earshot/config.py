@@ -221,7 +221,8 @@ class WorkerConfig:
     processes: int = 0
     """Worker processes the sources are spread over (0..64). 0 = automatic: one process per
     `streams_per_process` sources, at most one per CPU core this process may use; 1 = every source
-    in the daemon's own process (no child process)."""
+    in the daemon's own process (no child process). A `stdin` source keeps every source in the
+    daemon's process (its standard input cannot be read from another)."""
     streams_per_process: int = 32
     """Automatic mode: sources per worker process before another one starts (1..1000)."""
 

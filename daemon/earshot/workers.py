@@ -190,6 +190,8 @@ def process_count(config: Config, cores: int | None = None) -> int:
 
     n = len(config.active_sources)
     w = config.worker
+    if any(s.kind == "stdin" for s in config.active_sources):
+        return 1  # the daemon's standard input cannot be read from another process
     if w.processes:
         return max(1, min(w.processes, n))
     cores = cores or len(os.sched_getaffinity(0))
