@@ -194,7 +194,11 @@ def process_count(config: Config, cores: int | None = None) -> int:
         return 1  # the daemon's standard input cannot be read from another process
     if w.processes:
         return max(1, min(w.processes, n))
-    cores = cores or len(os.sched_getaffinity(0))
+    if not cores:
+        try:
+            cores = len(os.sched_getaffinity(0))  # the cores this process may use (cgroups, taskset)
+        except (AttributeError, OSError):  # not on Linux, or a seccomp filter refuses it
+            cores = os.cpu_count() or 1
     return max(1, min(cores, -(-n // w.streams_per_process)))
 
 
