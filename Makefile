@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 CONFIG ?= systemd/earshot.toml
 APT_PACKAGES := mosquitto pulseaudio pulseaudio-utils libportaudio2 libsndfile1 ffmpeg tmux libasound2-plugins chromium chromium-driver
 
-.PHONY: run test install install-test apt clean bench install-service
+.PHONY: run test install install-test apt clean bench bench-daemon install-service
 
 $(VENV)/.installed: pyproject.toml
 	@echo "earshot: installing into $(VENV) (numpy, scipy, torch: a minute or more the first time)..."
@@ -46,6 +46,10 @@ install-service: install
 
 bench: install
 	$(PY) tools/bench.py
+
+# The whole daemon (real `earshot run`, file sources at real time, a real Mosquitto) beside the scorer alone.
+bench-daemon: install
+	$(PY) tools/bench_daemon.py --streams 1,10,100 --max
 
 clean:
 	rm -rf $(VENV) build *.egg-info daemon/*.egg-info .pytest_cache

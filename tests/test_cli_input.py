@@ -388,9 +388,17 @@ def test_level_starts_again_after_a_device_reopens(restart, monkeypatch):
         monkeypatch.setattr(Stream, "restarted", lambda self: False)
     loaded = shipped_model()
     hops = []
-    analyzer = StreamAnalyzer(loaded, FrontendConfig(), DetectConfig(), source="m", node="n", on_hop=hops.append)
-    worker = Worker([Stream(SourceConfig(), _ReopeningCapture(), analyzer)], loaded, lambda e: None, [],
+
+    class Tap:  # the worker routes each hop to its taps
+        wants_audio = False
+
+        def on_hop(self, source, hop):
+            hops.append(hop)
+
+    analyzer = StreamAnalyzer(loaded, FrontendConfig(), DetectConfig(), source="m", node="n")
+    worker = Worker([Stream(SourceConfig(), _ReopeningCapture(), analyzer)], loaded, lambda e: None, [Tap()],
                     threading.Event())
+    worker._listeners()
     while not worker.streams[0].capture.finished:
         worker._step()
     after = [h.mel.mean() for h in hops if h.t_end > 4.5]  # windows well inside the new device's audio

@@ -32,11 +32,13 @@ import numpy as np
 from .config import ConfigError, DetectConfig, FrontendConfig
 from .detect import Detector, make_rules
 from .events import Event
-from .features import StreamingFeatures
+from .features import StreamingFeatures, push_many
 from .model import CascadeState, ScoringModel as LoadedModel  # a torch LoadedModel or an OnnxModel
 
 SILENCE_DBFS = -120.0
 """Level reported for digital silence (dBFS)."""
+_NO_MEL = np.zeros(0, dtype=np.float32)
+"""`Hop.mel` while nobody reads spectrogram columns."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,9 @@ class _History:
 class _Analyzer:
     """What both analyzers share: hop geometry, the level gate and the detector."""
 
+    mel_wanted = True
+    """Whether hops carry their spectrogram column; the worker turns it off while no tap reads `Hop.mel`."""
+
     def __init__(self, loaded: LoadedModel, frontend: FrontendConfig, detect: DetectConfig, *, source: str,
                  node: str, to_wall: Callable[[float], float] | None = None,
                  on_hop: Callable[[Hop], None] | None = None):
@@ -158,7 +163,7 @@ class _Analyzer:
             recent = np.concatenate([pad, recent])
         recent = np.ascontiguousarray(recent[-c:], dtype=np.float32)
         _, scores = self.loaded.score_windows(recent, c, self.hop_frames)
-        return self._hop(end_frame, scores[0], recent[-self.hop_frames:].mean(axis=0))
+        return self._hop(end_frame, scores[0], recent[-self.hop_frames:].mean(axis=0) if self.mel_wanted else _NO_MEL)
 
     def _hop(self, end_frame: int, scores: np.ndarray, mel: np.ndarray) -> list[Event]:
         p = self.params
@@ -201,13 +206,22 @@ class StreamAnalyzer(_Analyzer):
 
     def frames(self, samples: np.ndarray) -> np.ndarray:
         """First half of `push`: audio in, new log-mel frames out (for a scorer shared by several streams)."""
-        samples = _clean(samples)
+        samples = self._take(samples)
         if samples.size == 0:
             return np.zeros((0, self.params.n_mels), dtype=np.float32)
-        self.audio.append(samples)
-        frames = self.features.push(samples)
+        return self._took(self.features.push(samples))
+
+    def _take(self, samples: np.ndarray) -> np.ndarray:
+        """Clean and keep the audio (the part of `frames` before the log-mel)."""
+        samples = _clean(samples)
+        if samples.size:
+            self.audio.append(samples)
+        return samples
+
+    def _took(self, frames: np.ndarray) -> np.ndarray:
+        """Count and keep the new frames (the part of `frames` after the log-mel)."""
         self._keep_window(frames)
-        if self.on_hop is not None:
+        if self.on_hop is not None and self.mel_wanted:
             self._recent = np.concatenate([self._recent, frames])[-(self.hop_frames + len(frames)):]
         return frames
 
@@ -216,8 +230,11 @@ class StreamAnalyzer(_Analyzer):
         events: list[Event] = []
         for end_frame, scores in results:
             self._scored_to = max(self._scored_to, end_frame)
-            back = self.frames_out - end_frame  # frames received after this window ended
-            hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
+            if self.mel_wanted:
+                back = self.frames_out - end_frame  # frames received after this window ended
+                hop_mel = self._recent[max(0, len(self._recent) - back - self.hop_frames): len(self._recent) - back]
+            else:
+                hop_mel = _NO_MEL
             events += self._hop(end_frame, scores, hop_mel.mean(axis=0) if len(hop_mel) else hop_mel)
         next_end = max(self.params.chunk_frames, self.frames_out + 1)
         self.audio.keep_from(self._first_sample_needed(next_end - self.hop_frames))  # a hop more, for `finish`
@@ -238,6 +255,16 @@ class StreamAnalyzer(_Analyzer):
             return []
         self._scored_to = self.frames_out
         return self._last_window(np.concatenate(self._window), self.frames_out)
+
+
+def frames_many(analyzers: list[StreamAnalyzer], blocks: list[np.ndarray]) -> list[np.ndarray]:
+    """`[a.frames(x) for a, x in zip(analyzers, blocks)]` with one log-mel pass for all (`push_many`).
+
+    The service's worker calls this once per loop for every stream that has a hop of audio.
+    """
+    taken = [a._take(x) for a, x in zip(analyzers, blocks)]
+    frames = push_many([a.features for a in analyzers], taken)
+    return [a._took(f) for a, f in zip(analyzers, frames)]
 
 
 class BatchAnalyzer(_Analyzer):

@@ -89,6 +89,11 @@ class _Pending:
 class ClipRecorder:
     """Records clips around events; a service tap (fast in the worker, encoding in its own thread)."""
 
+    wants_hops = False
+    wants_mel = False
+    in_worker = True
+    """With worker processes, each runs its own recorder (built from `worker_spec()`): the audio stays there."""
+
     def __init__(self, directory: str | os.PathLike, sample_rate: int, pre_s: float, post_s: float,
                  max_total_bytes: int, max_age_s: float) -> None:
         """Create the directory, start the writer thread and apply retention once."""
@@ -109,6 +114,10 @@ class ClipRecorder:
         self._writer = threading.Thread(target=self._write_loop, name="earshot-clips", daemon=True)
         self._writer.start()
         self._queue.put(("", np.zeros(0, dtype=np.float32), {}))  # retention pass at start
+
+    def worker_spec(self) -> tuple:
+        """Constructor arguments of an equal recorder in a worker process."""
+        return (str(self.dir), self.sr, self.pre_s, self.post_s, self.max_total_bytes, self.max_age_s)
 
     # ------------------------------------------------------------------ tap (worker thread)
 

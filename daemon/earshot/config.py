@@ -261,6 +261,23 @@ def web_listen(c: Config) -> str:
     return c.web.listen
 
 
+MAX_WORKER_PROCESSES = 64
+"""Upper bound of `[worker] processes`."""
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How the detection work is spread over the machine's cores."""
+
+    processes: int = 0
+    """Worker processes the sources are spread over. 0 = automatic: one process per
+    `streams_per_process` sources, at most one per CPU core this process may use; 1 = every source
+    in the daemon's own process (no child process). A `stdin` source keeps every source in the
+    daemon's process (its standard input cannot be read from another). Valid: 0..64."""
+    streams_per_process: int = 32
+    """Automatic mode: sources per worker process before another one starts. Valid: 1..1000."""
+
+
 def _default_state_dir() -> str | None:
     # systemd's StateDirectory= sets $STATE_DIRECTORY (colon-separated if several).
     value = os.environ.get("STATE_DIRECTORY", "")
@@ -287,6 +304,7 @@ class Config:
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     clips: ClipsConfig = field(default_factory=ClipsConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
     state_dir: str | None = field(default_factory=_default_state_dir)
     """Directory for the MQTT spool, run-time settings and clips; unset = $STATE_DIRECTORY, else none (all in memory)."""
 
@@ -431,7 +449,8 @@ def _check(c: Config) -> list[str]:
     if c.log_level not in ("debug", "info", "warning", "error"):
         p.append(f"log_level: {c.log_level!r} is not one of debug, info, warning, error")
     for sub, where in ((c.frontend, "frontend"), (c.model, "model"), (c.detect, "detect"), (c.mqtt, "mqtt"),
-                       (c.homeassistant, "homeassistant"), (c.clips, "clips"), (c.web, "web")):
+                       (c.homeassistant, "homeassistant"), (c.clips, "clips"), (c.web, "web"),
+                       (c.worker, "worker")):
         p += _check_ranges(sub, where)
     for i, s in enumerate(c.sources):
         p += _check_ranges(s, f"source[{i}]")
@@ -532,6 +551,7 @@ RANGES: dict[type, dict[str, tuple[float, float, bool]]] = {
     ClipsConfig: {"pre_s": (0, 60, False), "post_s": (0, 60, False), "max_total_mb": (0.01, 10_000_000, False),
                   "max_age_days": (0.001, 36500, False)},
     WebConfig: {"workers": (1, 32, False), "max_connections": (8, 4096, False), "timeout_s": (1, 300, False)},
+    WorkerConfig: {"processes": (0, MAX_WORKER_PROCESSES, False), "streams_per_process": (1, 1000, False)},
 }
 THRESHOLD_RANGE = (0.0, 1.0)
 """`[detect] thresholds` values: strictly between 0 and 1."""

@@ -293,13 +293,27 @@ class Control:
         for source in self.sources:
             self._apply_source(source)
 
+    wants_mel = False
+
+    @property
+    def wants_audio(self) -> bool:
+        """Only until the persisted settings are applied (the worker calls taps only when they want)."""
+        return not self._applied
+
+    @property
+    def wants_hops(self) -> bool:
+        """As `wants_audio`: with worker processes no audio reaches this process, the first hop does."""
+        return not self._applied
+
     def on_audio(self, source: str, samples: np.ndarray) -> None:
         """Tap: the first audio applies the persisted settings (the worker exists only after start)."""
         if not self._applied:
             self._apply_all()
 
     def on_hop(self, source: str, hop: Hop) -> None:
-        """Tap: nothing to do per hop."""
+        """Tap: the first hop applies the persisted settings, if no audio did."""
+        if not self._applied:
+            self._apply_all()
 
     def on_event(self, event: Event) -> Event:
         """Tap: events pass unchanged."""

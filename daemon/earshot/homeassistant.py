@@ -112,6 +112,9 @@ class _Level:
 class HomeAssistant:
     """Publishes the discovery configs and the rate-limited sound level; a service tap."""
 
+    wants_audio = False
+    wants_mel = False
+
     def __init__(self, mqtt: Any, config: Any, labels: list[str]) -> None:
         """Register with the MQTT publisher; spools every label `OFF` so the binary sensors start known."""
         h = config.homeassistant

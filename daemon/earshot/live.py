@@ -236,8 +236,17 @@ class EventLog:
 class WebTap:
     """The service tap of the web page: events into the log, hops to the hub only while a page listens."""
 
+    wants_audio = False
+
     def __init__(self, service: Any, hub: LiveHub, log_: EventLog) -> None:
         self.service, self.hub, self.events = service, hub, log_
+
+    @property
+    def wants_hops(self) -> bool:
+        """Hops (and their spectrogram columns) only while a page is open: nothing is computed for none."""
+        return bool(self.hub.clients)
+
+    wants_mel = wants_hops
 
     def on_audio(self, source: str, samples: np.ndarray) -> None:
         """Tap: nothing to do per block."""

@@ -14,6 +14,7 @@ Every series exists from the first scrape (counters at 0) so alerts such as
 
 from __future__ import annotations
 
+import bisect
 import gzip
 import logging
 import time
@@ -45,118 +46,115 @@ _PUBLISHER_COUNTERS = ("published", "dropped", "dropped_other", "spool_memory_se
 
 
 class MetricsTap:
-    """The service tap that feeds the metrics, plus the collector for counters read at scrape time.
+    """The service tap that feeds the metrics, plus the collector that renders them at scrape time.
 
-    Called from the worker thread (`on_audio`, `on_hop`, `on_event`: quick, never raise) and from
-    the HTTP server's threads (`collect`). The counters it reads there are plain ints written by
-    one other thread, which the GIL makes safe to read.
+    Per hop the tap only keeps a reference to the hop and counts its compute time in a bucket
+    (a few hundred nanoseconds); levels, scores, counters and lag are turned into series when
+    Prometheus scrapes, every 15 s or so, not ten times a second per source. Hop counts, lag
+    and samples analyzed are read from the streams (`service.Stream`), which count them anyway.
+
+    Called from the worker thread (`on_hop`, `on_event`: quick, never raise) and from the HTTP
+    server's threads (`collect`). What `collect` reads are plain attributes written by one other
+    thread, which the GIL makes safe to read.
     """
 
+    wants_audio = False
+    wants_mel = False
+
     def __init__(self, service: Service, registry: Any = None) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry, Gauge
 
         self.service = service
         self.registry = registry if registry is not None else CollectorRegistry()
         self.started = time.time()
         self._t0 = time.monotonic()
-        r = self.registry
         config, loaded = service.config, service.loaded
-        sources = [s.name for s in config.active_sources]
-        labels = list(make_rules(loaded.labels, loaded.thresholds, config.detect)) or list(loaded.labels)
-
-        info = Gauge("earshot_info", "Build and model of the running daemon (always 1).",
-                     ["version", "node", "model"], registry=r)
-        info.labels(__version__, config.node, str(loaded.provenance.get("name", "earshot"))).set(1)
-        level = Gauge("earshot_level_dbfs", "RMS level of the latest hop (dBFS; -120 = silence or no audio yet).",
-                      ["source"], registry=r)
-        score = Gauge("earshot_score", "Latest class score (0..1).", ["source", "label"], registry=r)
-        hops = Counter("earshot_hops_total", "Windows scored.", ["source"], registry=r)
-        analyzed = Counter("earshot_samples_analyzed_total", "Samples handed to the detector.", ["source"], registry=r)
-        lag = Gauge("earshot_hop_lag_seconds",
-                    "Age of a hop's newest audio when it was scored (s): ring backlog + waiting + compute.",
-                    ["source"], registry=r)
-        infer = Histogram("earshot_inference_seconds",
-                          "Compute per scored hop in the worker: log-mel frames + CNN (s).",
-                          ["source"], buckets=INFERENCE_BUCKETS_S, registry=r)
-        events = Counter("earshot_events_total", "Events published, by label and type (start/end).",
-                         ["source", "label", "type"], registry=r)
-        self._families = (level, hops, analyzed, lag, infer, score, events)
         self._labels = list(loaded.labels)
-        self._reported = labels
-        self._children: dict[str, tuple[Any, ...]] = {}
-        for s in sources:
-            self._source(s)
-        self._events_family = events
-        self._mark: dict[str, float] = {}  # source -> when its last hop (or audio block) was handled
-        self._arrival: dict[str, tuple[float, float]] = {}  # source -> (monotonic arrival, backlog s)
+        self._reported = list(make_rules(loaded.labels, loaded.thresholds, config.detect)) or list(loaded.labels)
+        info = Gauge("earshot_info", "Build and model of the running daemon (always 1).",
+                     ["version", "node", "model"], registry=self.registry)
+        info.labels(__version__, config.node, str(loaded.provenance.get("name", "earshot"))).set(1)
+        self._last: dict[str, Hop] = {}  # source -> its latest hop
+        self._infer: dict[str, list[float]] = {}  # source -> [count per bucket..., +Inf count, sum]
+        self._events: dict[tuple[str, str, str], int] = {}  # (source, label, type) -> count
         self.errors = 0
         """Exceptions swallowed in the tap (a bug if ever non-zero; logged once)."""
-        r.register(self)
+        self.registry.register(self)
 
     # -- tap (worker thread) ------------------------------------------------------------------
 
     def on_audio(self, source: str, samples: np.ndarray) -> None:
-        """Note when a block arrived and how much audio still waited behind it in the ring."""
-        try:
-            now = time.monotonic()
-            backlog_s = 0.0
-            stream = self.service.stream(source)
-            if stream is not None:
-                backlog_s = stream.capture.ring.available() / float(stream.capture.samplerate or 1)
-            self._arrival[source] = (now, backlog_s)
-            self._mark[source] = time.perf_counter()
-            self._source(source)[2].inc(samples.size)
-        except Exception:  # noqa: BLE001 - a tap must never take the worker down
-            self._failed()
+        """Not called (wants_audio is False): the streams count their samples themselves."""
 
     def on_hop(self, source: str, hop: Hop) -> None:
-        """Level, scores, compute time and lag of one scored window."""
+        """Keep the hop (level and scores at scrape time) and count its compute time."""
         try:
-            now_pc = time.perf_counter()
-            start = self._mark.get(source)
-            self._mark[source] = now_pc
-            level, hops, _analyzed, lag, infer, scores = self._source(source)
-            hops.inc()
-            level.set(hop.level_dbfs)
-            for child, value in zip(scores, hop.scores):
-                child.set(float(value))
-            if start is not None:
-                infer.observe(now_pc - start)
-            arrival = self._arrival.get(source)
+            self._last[source] = hop
+            counts = self._infer.get(source)
+            if counts is None:
+                counts = self._infer[source] = [0.0] * (len(INFERENCE_BUCKETS_S) + 2)
             stream = self.service.stream(source)
-            if arrival is not None and stream is not None:
-                # The analyzer's newest sample arrived at `arrival`; the hop's end is older by the audio after it.
-                behind_s = max(0.0, stream.analyzer.seconds_in - hop.t_end)
-                lag.set(time.monotonic() - arrival[0] + arrival[1] + behind_s)
+            compute_s = getattr(stream, "compute_s", None)
+            if compute_s is not None:
+                counts[bisect.bisect_left(INFERENCE_BUCKETS_S, compute_s)] += 1
+                counts[-1] += compute_s
         except Exception:  # noqa: BLE001 - a tap must never take the worker down
             self._failed()
 
     def on_event(self, event: Event) -> Event:
         """Count the event; returns it unchanged."""
         try:
-            self._events_family.labels(event.source, event.label, event.type).inc()
+            key = (event.source, event.label, event.type)
+            self._events[key] = self._events.get(key, 0) + 1
         except Exception:  # noqa: BLE001 - a tap must never take the worker down
             self._failed()
         return event
-
-    def _source(self, source: str) -> tuple[Any, ...]:
-        """The per-source metric children (created, at zero, the first time: sources can be added by reload)."""
-        children = self._children.get(source)
-        if children is None:
-            level, hops, analyzed, lag, infer, score, events = self._families
-            children = (level.labels(source), hops.labels(source), analyzed.labels(source), lag.labels(source),
-                        infer.labels(source), [score.labels(source, lab) for lab in self._labels])
-            children[0].set(SILENCE_DBFS)
-            for lab in self._reported:
-                for kind in EVENT_TYPES:
-                    events.labels(source, lab, kind)
-            self._children[source] = children
-        return children
 
     def _failed(self) -> None:
         self.errors += 1
         if self.errors == 1:
             _LOGGER.exception("metrics tap failed; further failures are only counted")
+
+    def _hop_families(self, names: list[str], streams: dict[str, Any]) -> Iterator[Any]:
+        """Level, scores, hops, samples analyzed, lag, compute time and events, per source."""
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        level = GaugeMetricFamily("earshot_level_dbfs", "RMS level of the latest hop (dBFS; -120 = silence or no "
+                                  "audio yet).", labels=["source"])
+        score = GaugeMetricFamily("earshot_score", "Latest class score (0..1).", labels=["source", "label"])
+        hops = CounterMetricFamily("earshot_hops", "Windows scored.", labels=["source"])
+        analyzed = CounterMetricFamily("earshot_samples_analyzed", "Samples handed to the detector.",
+                                       labels=["source"])
+        lag = GaugeMetricFamily("earshot_hop_lag_seconds", "Age of a hop's newest audio when it was scored (s): "
+                                "ring backlog + waiting + compute.", labels=["source"])
+        infer = HistogramMetricFamily("earshot_inference_seconds", "Compute per scored hop in the worker: reading, "
+                                      "log-mel frames + CNN, for the batch it was scored in (s).", labels=["source"])
+        events = CounterMetricFamily("earshot_events", "Events published, by label and type (start/end).",
+                                     labels=["source", "label", "type"])
+        sr = float(self.service.loaded.frontend.sample_rate)
+        for name in names:
+            stream = streams.get(name)
+            hop = self._last.get(name)
+            level.add_metric([name], float(hop.level_dbfs) if hop is not None else SILENCE_DBFS)
+            values = np.asarray(hop.scores).reshape(-1) if hop is not None else ()
+            for i, label in enumerate(self._labels):
+                score.add_metric([name, label], float(values[i]) if i < len(values) else 0.0)
+            hops.add_metric([name], getattr(stream, "hops", 0))
+            analyzed.add_metric([name], round(stream.analyzer.seconds_in * sr) if stream is not None else 0)
+            lag.add_metric([name], getattr(stream, "lag_s", 0.0))
+            counts = self._infer.get(name) or [0.0] * (len(INFERENCE_BUCKETS_S) + 2)
+            cumulative, buckets = 0.0, []
+            for bound, n in zip([*map(str, INFERENCE_BUCKETS_S), "+Inf"], counts[:-1]):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            infer.add_metric([name], buckets, counts[-1])
+            for label in self._reported:
+                for kind in EVENT_TYPES:
+                    events.add_metric([name, label, kind], self._events.get((name, label, kind), 0))
+        for (name, label, kind), n in list(self._events.items()):
+            if name not in names or label not in self._reported:
+                events.add_metric([name, label, kind], n)
+        yield from (level, score, hops, analyzed, lag, infer, events)
 
     # -- collector (scrape threads) -------------------------------------------------------------
 
@@ -190,7 +188,9 @@ class MetricsTap:
         source_up = GaugeMetricFamily("earshot_source_up", "1 while the source delivers audio, 0 otherwise.",
                                       labels=["source"])
         streams = {s.source.name: s for s in list(service.streams)}
-        for name in [s.name for s in service.config.active_sources]:
+        names = [s.name for s in service.config.active_sources]
+        yield from self._hop_families(names, streams)
+        for name in names:
             stream = streams.get(name)
             values = dict.fromkeys(fams, 0)
             queued, alive = 0.0, 0.0

@@ -13,7 +13,6 @@ from __future__ import annotations
 from math import gcd
 
 import numpy as np
-from scipy.signal import firwin, upfirdn
 
 SUPPORTED_RATES = (8000, 11025, 16000, 22050, 32000, 44100, 48000, 96000)
 """Input rates tested against a 16 kHz output (others work if the ratio is reasonable)."""
@@ -49,6 +48,10 @@ class StreamingResampler:
             self._h = np.ones(1)
             self._pre_remove = 0
         else:
+            # scipy.signal only here: importing it costs about 1 s and 30 MB, which a daemon whose
+            # sources all run at the model rate need not pay.
+            from scipy.signal import firwin
+
             # Same design and alignment as scipy.signal.resample_poly.
             max_rate = max(self.up, self.down)
             half_len = 10 * max_rate
@@ -83,6 +86,8 @@ class StreamingResampler:
         # _buf_start is a multiple of `down`, so the slice stays phase-aligned:
         # upfirdn's output index i corresponds to absolute output i + buf_start*up/down - r.
         offset = self._buf_start * up // down
+        from scipy.signal import upfirdn  # imported by __init__ already: a dict look-up
+
         y = upfirdn(self._h, seg, up, down)
         lo, hi = k0 + r - offset, k_end + r - offset
         out = y[lo:hi]

@@ -93,7 +93,11 @@ class SampleRing:
         if head < m:
             self._buf[: m - head] = data[head:]
         self.total_written = end  # publish only after the copy
-        self._data_ready.set()
+        # Setting an Event takes its lock; skip it while it is still set (a consumer that polls
+        # never clears it). Safe: `wait` clears, then re-checks `available`, which sees this
+        # write because total_written was published before this check.
+        if not self._data_ready.is_set():
+            self._data_ready.set()
 
     def notify(self) -> None:
         """Wake a consumer blocked in `wait` without writing (e.g. the source just ended)."""

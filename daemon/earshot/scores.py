@@ -57,7 +57,21 @@ def scores_payload(*, node: str, source: str, hop: Hop, wall_s: float, labels: l
 
 
 class ScoreFeed:
-    """Sends one score message per hop through the ZeroMQ publisher; a service tap."""
+    """Sends one score message per hop through the ZeroMQ publisher; a service tap.
+
+    Only while someone subscribes to `scores.`: otherwise the worker neither calls it nor
+    computes spectrogram columns, and no JSON is built.
+    """
+
+    wants_audio = False
+
+    @property
+    def wants_hops(self) -> bool:
+        """Whether a subscriber listens to the score topics now."""
+        has = getattr(self.zmq, "has_subscriber", None)
+        return True if has is None else bool(has(TOPIC_PREFIX.encode()))
+
+    wants_mel = wants_hops
 
     def __init__(self, zmq_publisher: Any, service: Any) -> None:
         """`zmq_publisher` needs `send(topic, payload)`; `service` gives the streams and labels."""

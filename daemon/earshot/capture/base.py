@@ -110,8 +110,10 @@ class Capture:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            # Short slices so that the shared daemon stop event is noticed promptly too.
-            self._halt.wait(min(0.1, left))
+            # Short slices so that a stop is noticed within 0.1 s; a plain sleep rather than an
+            # Event wait because paced sources sleep 50 times a second each, and an Event wait
+            # with a timeout allocates a lock every time.
+            time.sleep(min(0.1, left))
         return self._stopping()
 
     def _setup_rate(self, rate: int) -> None:
@@ -150,13 +152,17 @@ class Capture:
                 _LOGGER.warning("source %s: thread %s did not stop within %.1f s", self.name, t.name, JOIN_TIMEOUT_S)
         self._threads = [t for t in self._threads if t.is_alive()]
 
-    def read(self, timeout_s: float) -> np.ndarray:
-        """Worker side: wait up to `timeout_s` for audio; return float32 mono at `target_rate` (maybe empty)."""
+    def read(self, timeout_s: float, max_n: int | None = None) -> np.ndarray:
+        """Worker side: wait up to `timeout_s` for audio; return float32 mono at `target_rate` (maybe empty).
+
+        `max_n` caps the samples taken from the ring (at the source rate), so the worker can take
+        exactly the audio that completes a hop and leave the rest for the next one.
+        """
         done = self.source_done.is_set()  # checked before draining: every write precedes it
-        if not done and self.ring.available() == 0:
+        if not done and self.ring.available() == 0 and timeout_s > 0:
             self.ring.wait(timeout_s)
             done = self.source_done.is_set()
-        x = self.ring.read()
+        x = self.ring.read(max_n)
         if x.size:
             bad = ~np.isfinite(x)
             if bad.any():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import logging
 
-from .. import synth
 from .base import Capture, _Pacer
 
 _LOGGER = logging.getLogger(__name__)
@@ -25,6 +24,8 @@ class DemoCapture(Capture):
 
     def _run(self) -> None:
         """Generator thread: make a scene, play it block by block, log each event as it starts."""
+        from .. import synth  # here, not at import: it needs scipy.signal, which a daemon without a demo need not load
+
         sr = self.samplerate
         block = max(1, int(round(sr * float(self.cfg.block_ms) / 1000.0)))
         pace = _Pacer(sr) if self.cfg.realtime else None

@@ -6,6 +6,10 @@ The topic is `event.<source>.<label>` so a SUB socket can filter by prefix
 blocks: a slow or absent subscriber just misses messages, which is ZeroMQ's documented
 semantics.
 
+The socket is an XPUB (a PUB that also hears subscriptions), so the daemon knows whether
+anyone subscribes to a topic (`has_subscriber`): the score feed is built only while someone
+listens. To subscribers it is a PUB like any other.
+
 What one subscriber can cost is bounded (`earshot.publish.zmqguard`): a TCP connection that
 sends more than a subscriber needs (64 KB: a flood of subscriptions, which libzmq would keep
 in memory) is cut off. Incoming messages over `MAX_MESSAGE_BYTES` disconnect their client.
@@ -21,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,12 @@ from earshot.publish import PublishError, payload_of, topic_part
 from earshot.publish.zmqguard import SubscriberGuard
 
 log = logging.getLogger(__name__)
+
+SUBSCRIPTIONS_EVERY_S = 0.25
+MAX_PREFIXES = 4096
+"""Distinct subscriptions remembered; beyond it (a hostile client, many connections) every topic
+counts as subscribed to, so the memory stays bounded and nobody misses data (PUB behaviour)."""
+"""Least time between two reads of the subscriptions (s): a new subscriber gets data within this."""
 
 TOPIC_PREFIX = "event."
 """Prefix of every topic frame; subscribe to it to get all events."""
@@ -80,9 +91,12 @@ class ZmqPublisher:
         self.dropped = 0
         self._closed = False
         self._context = zmq.Context()
-        self._socket = self._context.socket(zmq.PUB)
+        self._socket = self._context.socket(zmq.XPUB)
         self._socket.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         self._guard: SubscriberGuard | None = None
+        self._prefixes: set[bytes] = set()  # topic prefixes subscribed to now (XPUB reports each once)
+        self._prefixes_full = False  # more than MAX_PREFIXES were seen: assume a subscriber from then on
+        self._polled = 0.0
         self.public_key: str | None = None
         """The CURVE server public key (Z85) when encryption is on."""
         secret_file = getattr(config, "curve_secret_file", None)
@@ -146,6 +160,29 @@ class ZmqPublisher:
             except zmq.ZMQError:
                 return False
             return True
+
+    def has_subscriber(self, topic_prefix: bytes) -> bool:
+        """Whether some subscriber would get a topic starting with `topic_prefix` (checked at most 4 times a second)."""
+        now = time.monotonic()
+        if now - self._polled >= SUBSCRIPTIONS_EVERY_S:
+            self._polled = now
+            with self._lock:
+                if self._closed:
+                    return False
+                for _ in range(1000):  # bounded: a hostile client could subscribe without end
+                    try:
+                        msg = self._socket.recv(zmq.NOBLOCK)
+                    except zmq.ZMQError:
+                        break
+                    if msg[:1] == b"\x01" and len(self._prefixes) < MAX_PREFIXES:
+                        self._prefixes.add(msg[1:])
+                    elif msg[:1] == b"\x01":
+                        self._prefixes_full = True
+                    elif msg[:1] == b"\x00":
+                        self._prefixes.discard(msg[1:])
+        if self._prefixes_full:
+            return True
+        return any(topic_prefix.startswith(p) or p.startswith(topic_prefix) for p in self._prefixes)
 
     def stats(self) -> dict[str, Any]:
         """Counters: `published`, `dropped`, `subscribers_cut` (connections cut off for sending too much)."""
