@@ -199,7 +199,6 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
     head = ConfirmHead(x.shape[1], hidden, y.shape[1])
     head.set_normalization(x.mean(0), x.std(0) + 1e-3)
     pos = (y * m).sum(0)
-    neg = ((1 - y) * m).sum(0)
     pos_weight = None  # calibrated thresholds set the operating point; boosting positives only inflates scores
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=weight_decay)
     n = len(x)
