@@ -220,7 +220,7 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     head.eval()
     return head, {"windows": n, "epochs": epochs, "final_loss": float(np.mean(losses[-50:])),
                   "positives_per_class": pos.tolist(), "mined_negatives": int((w > 1.5).sum())}
