@@ -19,6 +19,7 @@ Where the event sits in a weakly labelled clip comes from `data.activity_mask` (
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -173,7 +174,13 @@ class _Libopus:
             lib.opus_decoder_destroy(dec)
 
 
-_LIBOPUS: list = []
+@functools.cache
+def _libopus() -> _Libopus | None:
+    """The system's libopus, loaded once; None where it is missing."""
+    try:
+        return _Libopus()
+    except OSError:
+        return None
 
 
 def opus_round_trip(x: np.ndarray, sr: int) -> np.ndarray:
@@ -182,13 +189,9 @@ def opus_round_trip(x: np.ndarray, sr: int) -> np.ndarray:
     Uses libopus directly where the system has it (fast, see OPUS_COMPLEXITY), else soundfile's Ogg Opus.
     """
     x = np.clip(np.asarray(x, dtype=np.float32), -1.0, 1.0)
-    if not _LIBOPUS:
-        try:
-            _LIBOPUS.append(_Libopus())
-        except OSError:
-            _LIBOPUS.append(None)
-    if _LIBOPUS[0] is not None:
-        return _LIBOPUS[0].round_trip(x, sr)
+    lib = _libopus()
+    if lib is not None:
+        return lib.round_trip(x, sr)
     import io
 
     import soundfile as sf

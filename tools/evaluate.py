@@ -526,12 +526,7 @@ def calibrate_negatives(neg_sets: Sequence[Sequence[tuple[data.Clip, np.ndarray]
         for label in labels:
             table[label].append({"threshold": float(t), "fa_per_hour": max(r[label] for r in rates),
                                  "f1_0db": float("nan")})
-    chosen, notes = {}, {}
-    for label in labels:
-        row, reached = pick_threshold(table[label], target)
-        chosen[label] = row["threshold"]
-        if not reached:
-            notes[label] = f"target not reached: {row['fa_per_hour']:.2f} FA/h at best"
+    chosen, notes = pick_thresholds(table, target)
     return chosen, {"sweep": table, "notes": notes, "hours": [h for _, h in runs]}
 
 
@@ -557,14 +552,20 @@ def calibrate(mix: Mixtures, hops_by_ebr, fa_hops, fa_hours: float, loaded, targ
             table[label].append({"threshold": float(t), "fa_per_hour": n_fa[label] / fa_hours,
                                  "f1_0db": counts[label].metrics()["f1"],
                                  "recall_-6db": counts_m6[label].metrics()["recall"]})
+    chosen, notes = pick_thresholds(table, target, " on the calibration half")
+    return chosen, {"sweep": table, "notes": notes}
+
+
+def pick_thresholds(table: dict[str, list[dict]], target: float, where: str = "") -> tuple[dict[str, float], dict[str, str]]:
+    """`pick_threshold` for every class of a sweep table: (thresholds, notes on the classes that miss the target)."""
     chosen: dict[str, float] = {}
     notes: dict[str, str] = {}
-    for label in labels:
-        row, reached = pick_threshold(table[label], target)
+    for label, rows in table.items():
+        row, reached = pick_threshold(rows, target)
         chosen[label] = row["threshold"]
         if not reached:
-            notes[label] = f"target not reached on the calibration half: {row['fa_per_hour']:.2f} FA/h at best"
-    return chosen, {"sweep": table, "notes": notes}
+            notes[label] = f"target not reached{where}: {row['fa_per_hour']:.2f} FA/h at best"
+    return chosen, notes
 
 
 def pick_threshold(rows: Sequence[dict], target: float) -> tuple[dict, bool]:

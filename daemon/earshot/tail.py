@@ -12,7 +12,6 @@ message shows URLs with the password replaced by `***`.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 import uuid
@@ -50,13 +49,12 @@ def redact_url(url: str) -> str:
 
 def _password(password_file: str | None) -> str | None:
     """The password from `password_file` (first line) or `$EARSHOT_MQTT_PASSWORD`, or None."""
-    if password_file:
-        try:
-            with open(password_file, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as e:
-            raise TailError(f"cannot read the password file {password_file}: {e.strerror}") from None
-    return os.environ.get(PASSWORD_ENV)
+    from earshot.publish.mqtt import password_from
+
+    try:
+        return password_from(password_file)
+    except OSError as e:
+        raise TailError(f"cannot read the password file {password_file}: {e.strerror}") from None
 
 
 def format_event(event: Event) -> str:

@@ -92,12 +92,18 @@ def read_password(config: Any) -> str | None:
     if not path and os.environ.get("CREDENTIALS_DIRECTORY"):
         credential = Path(os.environ["CREDENTIALS_DIRECTORY"]) / CREDENTIAL
         path = str(credential) if credential.is_file() else None
+    try:
+        return password_from(path)
+    except OSError as e:
+        raise PublishError(f"cannot read MQTT password_file {path}: {e.strerror}") from None
+
+
+def password_from(path: str | None) -> str | None:
+    """The first line of `path`, or `$EARSHOT_MQTT_PASSWORD` when no path is given (None if unset);
+    OSError when the file cannot be read. Shared by the daemon and `earshot tail`."""
     if path:
-        try:
-            with open(path, encoding="utf-8") as f:
-                return f.readline().rstrip("\r\n")
-        except OSError as e:
-            raise PublishError(f"cannot read MQTT password_file {path}: {e.strerror}") from None
+        with open(path, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
     return os.environ.get(PASSWORD_ENV)
 
 
