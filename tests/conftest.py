@@ -20,7 +20,7 @@ from brokers import closing, mosquitto, mosquitto_factory  # noqa: E402,F401  (f
 # skips the ~30 s of training (a fresh clone trains it once).
 _TINY_INPUTS = ("tests/tinymodel.py", "tools/train.py", "tools/augment.py", "daemon/earshot/model/cnn.py",
                 "daemon/earshot/model/spec.py", "daemon/earshot/features.py", "daemon/earshot/synth.py",
-                "daemon/earshot/model/checkpoint.py", "tools/data.py")
+                "daemon/earshot/model/checkpoint.py", "tools/data.py", "tools/mining.py")
 
 
 @pytest.fixture(scope="session")

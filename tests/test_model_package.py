@@ -30,18 +30,19 @@ TOP: dict[str, set[str]] = {
     "scoring": {"spec"},
     "cnn": {"spec", "scoring"},
     "checkpoint": {"spec", "scoring", "cnn", "confirm"},
-    "onnx": {"spec", "scoring"},
+    "onnx": {"spec", "scoring", "ortsession"},
     "mn": {"mnfeatures"},
     "confirm": {"mn", "mnfeatures"},
     "cascade": set(),
     "mnfeatures": set(),
-    "confirm_onnx": {"mnfeatures", "spec"},
+    "confirm_onnx": {"mnfeatures", "spec", "ortsession"},
+    "ortsession": set(),
 }
 LAZY: dict[str, set[str]] = {
     "__init__": {"checkpoint", "onnx"},
     "onnx": {"cnn", "checkpoint", "confirm_onnx"},
 }
-TORCH_FREE = ("__init__", "spec", "scoring", "onnx", "cascade", "mnfeatures", "confirm_onnx")
+TORCH_FREE = ("__init__", "spec", "scoring", "onnx", "cascade", "mnfeatures", "confirm_onnx", "ortsession")
 
 
 def _module_name(path: Path) -> str:

@@ -116,3 +116,31 @@ def test_push_many_equals_push_per_stream():
             assert g.shape == w.shape and g.dtype == np.float32
             np.testing.assert_allclose(g, w, atol=1e-5)
     assert [f.frames_out for f in many] == [f.frames_out for f in single]
+
+
+@pytest.mark.parametrize("n_sources", [1, 3])
+def test_worker_wakes_about_once_per_hop_not_per_tick(tmp_path, loaded, n_sources):
+    """A live source at real time: the worker sleeps until the next hop is due instead of looking
+    every TICK_S (46 looks a second for 10 hops before). Three sources started together share their
+    passes. Every hop is still scored."""
+    from earshot.service import MAX_WAIT_S
+
+    audio = (np.random.default_rng(4).standard_normal(16000 * 4) * 0.05).astype(np.float32)
+    wav = tmp_path / "live.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")
+    sources = tuple(SourceConfig(name=f"s{i}", kind="file", path=str(wav), realtime=True) for i in range(n_sources))
+    svc = Service(Config(sources=sources), loaded, NullPublisher(), taps=[Recorder(wants_hops=False, wants_mel=False)])
+    svc.start()
+    steps = 0
+
+    def count() -> None:
+        nonlocal steps
+        steps += 1
+
+    svc.worker.on_step = count
+    assert svc.supervise() == 0
+    hops = sum(s.hops for s in svc.streams)
+    assert hops >= n_sources * 30  # 4 s of audio, hops every 0.1 s from 1 s on, and the last one
+    # At most two looks per hop period (the one that reads and, now and then, one that finds the
+    # capture block not yet written), plus a look per MAX_WAIT_S while nothing is due.
+    assert steps <= 2 * (hops / n_sources) + 4 / MAX_WAIT_S, (steps, hops)

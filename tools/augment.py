@@ -325,6 +325,21 @@ def is_hard_negative(kind: str) -> bool:
     return any(w in k for w in HARD_NEGATIVE_WORDS)
 
 
+# Impulsive non-gunshots: what most gunshot false alarms on long negative streams turn out to be
+# (issue 13: jackhammers, nail guns, hammering, explosions). Their strata are drawn this much more often.
+IMPULSIVE_WORDS = (
+    "jackhammer", "drill", "hammer", "nail", "slam", "door", "knock", "impact", "bang", "firework", "explosion",
+    "thunder", "clap", "dish", "chop", "wood", "footsteps", "can_opening",
+)
+IMPULSIVE_WEIGHT = 2.0
+
+
+def impulsive_weight(clip: Clip) -> float:
+    """`IMPULSIVE_WEIGHT` for an impulsive negative kind, 1 for any other clip (a `StratifiedPool` weight)."""
+    k = clip.kind.lower()
+    return IMPULSIVE_WEIGHT if any(w in k for w in IMPULSIVE_WORDS) else 1.0
+
+
 class StratifiedPool:
     """Draws clips balanced over strata (source, kind), then groups, then files.
 
@@ -604,7 +619,7 @@ def real_mixer(
     negatives = by_label[NEGATIVE]
     bg_pool = StratifiedPool(negatives)
     hard = [(c, x) for c, x in negatives if is_hard_negative(c.kind) and len(x) <= 6 * sr]
-    dist_pool = StratifiedPool(hard or negatives)
+    dist_pool = StratifiedPool(hard or negatives, impulsive_weight)
     synth_makers: dict[str, Callable[[np.random.Generator], np.ndarray]] = {
         "alarm": lambda r: synth.t3_alarm(sr, r.uniform(1.5, 4.0), r) if r.random() < 0.5 else beep_alarm(sr, r),
         "gunshot": lambda r: synth.gunshot(sr, r),

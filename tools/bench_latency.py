@@ -142,7 +142,7 @@ def _model_bound(model_path: Path, audio: np.ndarray, truth: list, confirm: int)
     m = load_model(model_path)
     p = m.frontend
     ends, scores = m.score_windows(features(audio, p), p.chunk_frames, 10)
-    t_end = ((ends - 1) * p.hop_length + p.win_length) / p.sample_rate
+    t_end = p.samples_for(ends) / p.sample_rate  # works on an array of frame indices too
     out: list[float | None] = []
     for onset, offset, label in truth:
         col = scores[:, m.labels.index(label)] >= m.thresholds[label]

@@ -6,7 +6,9 @@ A threshold-free comparison: per model and class, the lowest threshold of `evalu
 with no false alarm on the half's negatives (the strict operating point a deployment runs at), then
 the event F1 at 0 dB and recall at -6 dB there, through the daemon's own detection path
 (`evaluate.calibrate` with a target of 0 false alarms per hour). Checkpoints are not modified.
-Use it to choose between training runs on the calibration half, so the report half stays unseen.
+Use it to choose between training runs on the calibration half, so the report half stays unseen. The
+streams come from the group validation of the training sources (`data.source_split`): the held-out
+sources are never looked at here.
 
 The zero-false-alarm point of a class is set by the single highest-scoring negative of the half
 (0.2 h of audio), so one odd clip can move it a lot: two runs of the same recipe differed by 0.07
@@ -86,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         models = [load_checkpoint(m) for m in args.models]
-        _, val = data.split(data.read_index(args.data))
+        # The group validation of the training sources only: the held-out sources stay unseen by any
+        # choice made here, so `evaluate.py --split source` still measures something no run was picked on.
+        _, val, _ = data.source_split(data.read_index(args.data))
         audio = data.load_all(args.data, val)
     except (CheckpointError, data.DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ from earshot.model.cnn import SoundEventCnn, pool_windows  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402
 import data  # noqa: E402
+import mining  # noqa: E402
 
 log = logging.getLogger("train")
 
@@ -87,6 +88,12 @@ class TrainConfig:
     min(decay, (1 + step) / (10 + step)), so short runs average over their last steps only)."""
     pos_weight: tuple[float, ...] = field(default_factory=tuple)
     """Per-class weight of positive targets in the loss (empty = 1 for all)."""
+    mined_fraction: float = 0.0
+    """Share of each batch replaced by mined hard negatives (`mining.HardNegativeMiner`; 0 = no mining)."""
+    mine_every: int = 25
+    """Steps between two scans of fresh negative audio by the miner."""
+    mine_after: float = 0.1
+    """Fraction of the run before mining starts: an untrained model's high scores say nothing."""
     progress: bool = True
     """Show a tqdm progress bar."""
 
@@ -181,18 +188,37 @@ class TrainStats:
     """Exponential moving average (0.98) of the training loss at the end."""
     loss_history: list[float] = field(default_factory=list)
     """That average every 100 steps."""
+    mined_examples: int = 0
+    """Of `examples`, the windows that came from mined hard negatives."""
+    mined_scanned_s: float = 0.0
+    """Seconds of negative audio the miner scanned."""
 
 
 def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig(),
-          chunk_frames: int = FrontendParams().chunk_frames) -> tuple[SoundEventCnn, TrainStats]:
-    """Train a `SoundEventCnn` on windows or segments from `make_examples`; returns it in eval mode, with stats."""
+          chunk_frames: int = FrontendParams().chunk_frames,
+          miner: mining.HardNegativeMiner | None = None,
+          init_state: dict[str, torch.Tensor] | None = None) -> tuple[SoundEventCnn, TrainStats]:
+    """Train a `SoundEventCnn` on windows or segments from `make_examples`; returns it in eval mode, with stats.
+
+    With a `miner` and `cfg.mined_fraction` > 0, the averaged model scans fresh negative audio every
+    `cfg.mine_every` steps and that share of every batch is replaced by segments it fired on.
+    `init_state` (a state dict of the same dims, loaded strictly) starts from trained weights: fine-tuning.
+    """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     # channels_last: oneDNN's convolution backward on these narrow (B, C, F, T) maps is 1.5x faster in
     # this layout on the 2-core CPU (a step of 32 segments: 342 ms vs 514 ms); the same function.
     device = torch.device(cfg.device)
-    model = SoundEventCnn(dims).to(device, memory_format=torch.channels_last)
-    averaged = copy.deepcopy(model).requires_grad_(False)
+    model = SoundEventCnn(dims)
+    if init_state is not None:
+        model.load_state_dict(init_state, strict=True)
+    model = model.to(device, memory_format=torch.channels_last)
+    averaged = copy.deepcopy(model).requires_grad_(False).eval()  # only the miner runs it during training
+    mine_rng = np.random.default_rng([cfg.seed, 1_000_003])
+    n_mined = int(round(cfg.mined_fraction * cfg.batch_size)) if miner is not None else 0
+
+    def averaged_scores(f: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(window_logits(averaged, f.to(device), chunk_frames)).cpu()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = ExampleStream(make_examples, cfg.seed, cfg.shuffle_buffer)
     loader = torch.utils.data.DataLoader(
@@ -226,7 +252,17 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             lr = lr_at(progress, cfg.lr, cfg.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y, m = (t.to(device, non_blocking=True) for t in next(it))
+            x, y, m = next(it)
+            if n_mined and progress >= cfg.mine_after:
+                if stats.steps % cfg.mine_every == 0:
+                    miner.mine(averaged_scores, mine_rng)
+                mined = miner.draw(min(n_mined, x.shape[0]), mine_rng)
+                if mined is not None:  # the last k segments become mined negatives: every class 0, none ignored
+                    k = mined.shape[0]
+                    x, y, m = x.clone(), y.clone(), m.clone()
+                    x[-k:], y[-k:], m[-k:] = torch.from_numpy(mined), 0.0, 1.0
+                    stats.mined_examples += k * y.shape[1]
+            x, y, m = (t.to(device, non_blocking=True) for t in (x, y, m))
             logits = window_logits(model, x, chunk_frames)
             loss = masked_bce(logits, y, m, pos_weight)
             opt.zero_grad(set_to_none=True)
@@ -256,6 +292,7 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             bar.close()
         del it  # shuts the workers down
     stats.wall_s = time.monotonic() - t0
+    stats.mined_scanned_s = miner.scanned_s if miner is not None else 0.0
     stats.final_loss = float("nan") if ema is None else ema
     averaged = averaged.to("cpu", memory_format=torch.contiguous_format).eval()
     return averaged, stats
@@ -349,6 +386,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu",
                     help="where the network trains: cpu, or cuda on a GPU machine (then give --workers as the "
                          "CPU cores can feed, e.g. 14 of 16: examples are made on the CPU)")
+    ap.add_argument("--mine", type=float, default=0.125,
+                    help="share of each batch replaced by hard negatives mined where the model fires on fresh "
+                         "training negatives (0 = no mining; see tools/mining.py)")
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint's weights (fine-tuning); its network and frontend become the "
+                         "run's, --dims and --frontend must not be given")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -368,6 +411,25 @@ def main(argv: list[str] | None = None) -> int:
     except (TypeError, ValueError) as exc:
         print(f"error: --dims: {exc}", file=sys.stderr)
         return 2
+    init_state = None
+    if args.init:
+        if args.dims or args.frontend:
+            print("error: --init takes the network and frontend of its checkpoint: drop --dims and --frontend",
+                  file=sys.stderr)
+            return 2
+        from earshot.model import CheckpointError
+        from earshot.model.checkpoint import load_checkpoint
+
+        try:
+            start = load_checkpoint(args.init)
+        except CheckpointError as exc:
+            print(f"error: --init: {exc}", file=sys.stderr)
+            return 2
+        if list(start.labels) != list(data.EVENT_LABELS):
+            print(f"error: --init: {args.init} has labels {list(start.labels)}, training uses {list(data.EVENT_LABELS)}",
+                  file=sys.stderr)
+            return 2
+        dims, frontend, init_state = start.dims, start.frontend, start.model.state_dict()
     if dims.n_mels != frontend.n_mels:
         print(f"error: the network takes n_mels={dims.n_mels} but the frontend makes {frontend.n_mels}: "
               f"give the same n_mels to --dims and --frontend", file=sys.stderr)
@@ -408,16 +470,28 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         threads=args.threads if args.threads is not None else max(1, 2 - args.workers),
         progress=not args.no_progress,
+        mined_fraction=args.mine,
     )
+    miner = None
+    if args.mine > 0:
+        if not 0 < args.mine < 1:
+            print("error: --mine must be between 0 and 1", file=sys.stderr)
+            return 2
+        negatives = [(c, x) for c, x in zip(train_clips, audio) if c.label == data.NEGATIVE and len(x) >= frontend.win_length]
+        pool = augment.StratifiedPool(negatives, augment.impulsive_weight)
+        miner = mining.HardNegativeMiner(pool.draw, frontend, args.windows, level_dbfs=mix_cfg.level_dbfs)
     if cfg.max_minutes is None and args.steps is None:
         print("error: give --steps or a positive --minutes", file=sys.stderr)
         return 2
     n_params = sum(p.numel() for p in SoundEventCnn(dims).parameters())
     log.info("device %s, torch threads %d, example workers %d", cfg.device, cfg.threads, cfg.num_workers)
     log.info("model %s: %d parameters, %.1f M MAC/s of audio", dims, n_params, macs_per_frame(dims) * 100 / 1e6)
-    model, stats = train(mixer.segments, dims, cfg, frontend.chunk_frames)
+    model, stats = train(mixer.segments, dims, cfg, frontend.chunk_frames, miner, init_state)
     log.info("trained %d steps (%d windows) in %.1f min, final loss %.4f", stats.steps, stats.examples, stats.wall_s / 60,
              stats.final_loss)
+    if miner is not None:
+        log.info("mined %d hard-negative segments from %.2f h of training negatives; %d of the windows trained on came from them",
+                 miner.mined, stats.mined_scanned_s / 3600, stats.mined_examples)
     provenance = {
         "git_commit": git_commit(),
         "data_index_sha256": data.index_sha256(args.data),
@@ -437,6 +511,12 @@ def main(argv: list[str] | None = None) -> int:
                  + (f"; sources held out whole: {', '.join(data.parse_sources(args.heldout_sources))}" if args.holdout == "sources" else ""),
         "sources": sorted({c.source for c in clips}),
         "mix": dataclasses.asdict(mix_cfg),
+        "init": ({"checkpoint": Path(args.init).name,
+                  **{k: start.provenance.get(k) for k in ("git_commit", "date", "steps", "command", "init")}}
+                 if args.init else None),
+        "mining": ({"fraction": cfg.mined_fraction, "every_steps": cfg.mine_every, "after": cfg.mine_after,
+                    "scanned_h": round(stats.mined_scanned_s / 3600, 2), "segments": miner.mined,
+                    "windows_trained": stats.mined_examples} if miner is not None else None),
         "parameters": n_params,
         "torch": torch.__version__,
         "device": cfg.device,

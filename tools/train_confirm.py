@@ -92,7 +92,7 @@ class TaggerEmbedder:
 
 def window_audio(mix: np.ndarray, end_frame: int, p) -> np.ndarray:
     """The 1 s of samples a stage-1 window ending at `end_frame` covers (what the confirmer scores)."""
-    end = (end_frame - 1) * p.hop_length + p.win_length
+    end = p.samples_for(end_frame)
     n = int(round(p.chunk_s * p.sample_rate))
     seg = mix[max(0, end - n): end]
     return np.pad(seg, (n - len(seg), 0)) if len(seg) < n else seg

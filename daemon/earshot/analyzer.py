@@ -167,7 +167,7 @@ class _Analyzer:
 
     def _hop(self, end_frame: int, scores: np.ndarray, mel: np.ndarray) -> list[Event]:
         p = self.params
-        end_sample = (end_frame - 1) * p.hop_length + p.win_length
+        end_sample = p.samples_for(end_frame)
         level = level_dbfs(self.audio.slice(end_sample - self.hop_samples, end_sample))
         if level < self.min_level_dbfs:
             scores = np.zeros_like(scores)
@@ -183,7 +183,7 @@ class _Analyzer:
     def _first_sample_needed(self, next_end_frame: int) -> int:
         """Oldest sample a window ending at `next_end_frame` or later still needs for its level."""
         p = self.params
-        return (next_end_frame - 1) * p.hop_length + p.win_length - max(self.hop_samples, self.confirm_samples)
+        return p.samples_for(next_end_frame) - max(self.hop_samples, self.confirm_samples)
 
 
 class StreamAnalyzer(_Analyzer):

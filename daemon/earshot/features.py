@@ -111,6 +111,11 @@ class FrontendParams:
         """Duration covered by `chunk_frames` hops (s); the classifier window length."""
         return self.chunk_frames * self.frame_s
 
+    def samples_for(self, frames: int) -> int:
+        """Samples that `frames` frames span: the end of frame `frames - 1`, so also where a window
+        ending at frame index `frames` ends in the audio (the daemon dates and cuts hops with it)."""
+        return (frames - 1) * self.hop_length + self.win_length
+
     @property
     def level_alpha(self) -> float:
         """Per-frame decay of the running level: exp(-hop / tau)."""
@@ -352,7 +357,7 @@ class StreamingFeatures:
         if n == 0:
             self._tail = buf
             return np.empty((0, p.n_mels), dtype=np.float32)
-        lm = log_mel(buf[: (n - 1) * p.hop_length + p.win_length], p)  # (n, n_mels)
+        lm = log_mel(buf[: p.samples_for(n)], p)  # (n, n_mels)
         # Keep only what later frames still need (< win_length samples), as a copy so a
         # huge block is not kept alive by a view.
         self._tail = buf[n * p.hop_length :].copy()

@@ -126,7 +126,7 @@ def figure(analysis: Analysis, title: str = "") -> Any:
         db = mel * (10.0 / np.log(10.0))  # natural log of power -> dB
         p = a.frontend
         # Frame i covers samples [i*hop, i*hop + win): place it at its end, like the hops.
-        t0, t1 = p.win_length / sr, ((len(mel) - 1) * p.hop_length + p.win_length) / sr
+        t0, t1 = p.win_length / sr, p.samples_for(len(mel)) / sr
         ax_mel.imshow(db.T, origin="lower", aspect="auto", cmap="magma",
                       extent=(t0, t1, 0, mel.shape[1]),
                       vmin=np.percentile(db, 5), vmax=np.percentile(db, 99.8), interpolation="nearest")

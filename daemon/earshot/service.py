@@ -35,10 +35,13 @@ from .workers import WorkerPool, process_count
 _LOGGER = logging.getLogger(__name__)
 
 TICK_S = 0.025
-"""Longest sleep of the worker between two looks at its sources (s). With several sources the
-worker wakes at this pace and scores every source whose next hop is complete in one batched
-pass, so a hop waits at most this long once its audio is in; with one source it sleeps until
-that source's next hop is due."""
+"""Pace of the worker while one of several sources is due within it (s): it then scores every
+source whose next hop is complete in one batched pass, so a hop waits at most this long once its
+audio is in. With one source it sleeps until that source's next hop is due."""
+MAX_WAIT_S = 0.1
+"""Longest sleep of the worker (s): run-time calls (a threshold set over MQTT, a reload) and a
+stop are seen within it. Waking every TICK_S whatever was due cost a single-stream daemon 46
+wake-ups a second for 10 hops; each one costs more on a small machine than its Python does."""
 MIN_SLEEP_S = 0.002
 """Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
 BLOCK_SLACK_S = 0.02
@@ -147,7 +150,7 @@ def _due(stream: Stream) -> tuple[int | None, float]:
     p = a.params
     chunk, hop, seen = p.chunk_frames, a.hop_frames, a.frames_out
     end_frame = chunk if seen < chunk else seen + hop - (seen - chunk) % hop  # next window end after `seen`
-    need = max(1, (end_frame - 1) * p.hop_length + p.win_length - a.audio.end)  # at the model rate
+    need = max(1, p.samples_for(end_frame) - a.audio.end)  # at the model rate
     rate, target = cap.samplerate, cap.target_rate
     hop_src = a.hop_samples
     if rate != target:
@@ -257,7 +260,7 @@ class Worker(threading.Thread):
                 self.on_step()
             if wait > 0:
                 # A plain sleep: an Event wait with a timeout allocates a lock each time, and this
-                # runs tens of times a second; a stop is still seen within TICK_S + a hop.
+                # runs ten or more times a second; a stop is still seen within MAX_WAIT_S + a hop.
                 time.sleep(wait)
         for stream in self.streams:
             if not stream.done:
@@ -272,7 +275,7 @@ class Worker(threading.Thread):
         frames = [self.no_frames] * len(self.streams)
         fed: list[int] = []
         blocks: list[np.ndarray] = []
-        wait = TICK_S
+        wait = MAX_WAIT_S
         now = time.monotonic()
         for i, stream in enumerate(self.streams):
             if stream.done:
@@ -307,11 +310,16 @@ class Worker(threading.Thread):
             results = self.scorer.push(frames)
             for i in fed:
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
-        live = sum(1 for s in self.streams if not s.done)
-        # Several sources: a steady tick, so that sources due at about the same time share a pass.
+        live = [s for s in self.streams if not s.done]
+        if len(live) == 1 and fed:
+            wait = _due(live[0])[1]  # it was just read: when its next hop is due
         if wait <= 0:
-            return 0.0  # a capture without a ring: its read waits
-        return max(MIN_SLEEP_S, wait + BLOCK_SLACK_S if live <= 1 and wait < TICK_S else TICK_S)
+            return 0.0  # a capture without a ring (its read waits), or sources just read: look again at once
+        if len(live) <= 1:
+            return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + BLOCK_SLACK_S))
+        # Several sources: once one is due within a tick, a steady tick, so that sources due at
+        # about the same time share a pass; until then, sleep until the first is due.
+        return max(MIN_SLEEP_S, TICK_S if wait < TICK_S else min(MAX_WAIT_S, wait + BLOCK_SLACK_S))
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""

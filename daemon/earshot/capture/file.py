@@ -84,6 +84,7 @@ class FileCapture(Capture):
         # wakes once per block for all of them instead of once per source.
         self._t0 = math.floor(now / block_s) * block_s
         self._emitted = 0
+        self._next_due = now  # when `_play` has something to write next
         self._buf = np.zeros(0, dtype=np.float32)
         self._pos = 0
         # A looped short file is decoded once and replayed from memory (see `_run`).
@@ -97,6 +98,8 @@ class FileCapture(Capture):
 
     def _play(self, now: float) -> float | None:
         """Write every block whose time has come; return when the next one is due, or None at the end."""
+        if now < self._next_due and not self._stopping():
+            return self._next_due  # woken early (another source's block, a new source): nothing to do
         f = self._file
         assert f is not None
         rate = f.samplerate
@@ -110,6 +113,7 @@ class FileCapture(Capture):
             n = min(self._block, len(self._buf) - self._pos)
             due = self._t0 + (self._emitted + n) / rate  # a block goes out when it would have been recorded
             if due > now:
+                self._next_due = due
                 return due
             if now - due > 1.0:  # e.g. the machine was suspended: do not burst to catch up
                 self._t0 = now - self._emitted / rate
@@ -231,14 +235,16 @@ class _Player:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._sources: list[FileCapture] = []
+        # Replaced, never changed in place, under the lock: the player reads it once per wake without
+        # taking the lock (50 times a second).
+        self._sources: tuple[FileCapture, ...] = ()
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
 
     def add(self, cap: FileCapture) -> None:
         cap._play_setup(time.monotonic())
         with self._lock:
-            self._sources.append(cap)
+            self._sources = (*self._sources, cap)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="earshot-file-player", daemon=True)
                 self._thread.start()
@@ -249,11 +255,13 @@ class _Player:
 
     def _run(self) -> None:
         while True:
-            with self._lock:
-                sources = list(self._sources)
-                if not sources:
-                    self._thread = None
-                    return
+            sources = self._sources
+            if not sources:
+                with self._lock:
+                    if not self._sources:
+                        self._thread = None
+                        return
+                    continue
             now = time.monotonic()
             next_due = now + 0.1  # stop requests are noticed within this
             for cap in sources:
@@ -265,7 +273,7 @@ class _Player:
                     due = None
                 if due is None:
                     with self._lock:
-                        self._sources.remove(cap)
+                        self._sources = tuple(c for c in self._sources if c is not cap)
                     cap._play_end()
                 else:
                     next_due = min(next_due, due)
@@ -274,7 +282,8 @@ class _Player:
                 # A plain sleep (this runs once per block): an Event wait with a timeout
                 # allocates a lock each time. New sources and stops are seen within 0.1 s.
                 time.sleep(delay)
-            self._wake.clear()
+            if self._wake.is_set():  # clearing takes the Event's lock: only when there is something to clear
+                self._wake.clear()
 
 
 _PLAYER = _Player()

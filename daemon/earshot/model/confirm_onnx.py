@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from .mnfeatures import MnFeatures
+from .ortsession import cpu_session
 from .spec import CheckpointError
 
 EXPORT_TOLERANCE = 1e-3
@@ -69,11 +70,7 @@ def export_confirmer(confirmer: Any, stage1_path: Path) -> dict[str, Any]:
 def _session(model: bytes | str, threads: int) -> Any:
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
+    return cpu_session(ort, model, threads)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from earshot.features import FrontendParams
+from earshot.model.ortsession import cpu_session
 from earshot.model.scoring import SingleStepScorer, StepScorer, cache_shapes, step_score_windows
 from earshot.model.spec import CheckpointError, CnnDims, one_line, read_model_head, validate_labels
 
@@ -263,15 +264,8 @@ def load_onnx(path: str | Path, frontend: FrontendParams | None = None, threads:
         raise CheckpointError(f"{path} is not an ONNX model (it looks like a torch checkpoint: name it .pt, "
                               "or convert it with earshot export-onnx)")
     ort = _ort()
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(1, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Idle pool threads would otherwise spin between hops, burning a core for nothing.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = cpu_session(ort, str(path), threads)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Exception subclasses (Fail, InvalidProtobuf, ...)
         detail = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path} is not a readable ONNX model (corrupt or truncated?): {detail}") from exc

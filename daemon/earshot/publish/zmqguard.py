@@ -37,6 +37,10 @@ BUDGET_BYTES = 64 * 1024
 """Bytes a subscriber connection may send us before it is cut off (handshake + subscriptions)."""
 INTERVAL_S = 0.02
 """How often the connections are looked at (s); a flood is cut within about this time."""
+IDLE_WAIT_S = 0.5
+"""How long the guard sleeps on the monitor while no TCP subscriber is connected (s): a new connection
+wakes it at once, so only a stop waits this long. Polling every `INTERVAL_S` with nobody connected cost
+0.4 % of a core, a quarter of the whole daemon's cost for one stream."""
 
 _TCPI_BYTES_RECEIVED = 128
 """Offset of `tcpi_bytes_received` (u64) in Linux's `struct tcp_info`."""
@@ -76,7 +80,7 @@ class SubscriberGuard:
         poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
             try:
-                if poller.poll(int(self.interval_s * 1000)):
+                if poller.poll(int((self.interval_s if self._conns else IDLE_WAIT_S) * 1000)):
                     while self._monitor.poll(0):
                         self._on_event(recv_monitor_message(self._monitor))
             except zmq.ZMQError:
@@ -120,7 +124,7 @@ class SubscriberGuard:
     def close(self) -> None:
         """Stop the thread and the monitor (bounded)."""
         self._stop.set()
-        self._thread.join(1.0 + 2 * self.interval_s)
+        self._thread.join(1.0 + IDLE_WAIT_S + 2 * self.interval_s)
         try:
             self._zsocket.disable_monitor()
         except zmq.ZMQError:
