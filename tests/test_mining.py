@@ -81,7 +81,7 @@ def test_training_with_a_miner_replaces_part_of_each_batch_by_mined_negatives():
     _, stats = train.train(mixer.segments, CnnDims(channels=(4, 4, 4), freq_strides=(2, 2, 2), time_kernels=(3, 3, 3),
                                                    dilations=(1, 2, 4), embed_dim=8), cfg, P.chunk_frames, miner)
     assert stats.steps == 6
-    assert miner.mined > 0 and stats.mined_scanned_s > 0
+    assert miner.mined > 0 and miner.scanned_s > 0
     assert stats.mined_examples == 4 * 2 * 4  # steps 2..5, two of four segments, four windows each
 
 
@@ -109,3 +109,4 @@ def test_fine_tuning_starts_from_the_given_checkpoint(tmp_path):
     moved = [float((pa - pb).detach().abs().max()) for pa, pb in zip(a.model.parameters(), b.model.parameters())]
     assert 0 < max(moved) < 0.5  # one small step from a's weights, not a fresh initialisation
     assert train.main([*common, "--out", str(second), "--steps", "1", "--init", str(first), "--dims", "channels=4"]) == 2
+    assert train.main([*common, "--out", str(second), "--steps", "1", "--mine", "-0.1"]) == 2

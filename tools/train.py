@@ -189,9 +189,7 @@ class TrainStats:
     loss_history: list[float] = field(default_factory=list)
     """That average every 100 steps."""
     mined_examples: int = 0
-    """Of `examples`, the windows that came from mined hard negatives."""
-    mined_scanned_s: float = 0.0
-    """Seconds of negative audio the miner scanned."""
+    """Of `examples`, the windows that came from mined hard negatives (the miner counts what it scanned)."""
 
 
 def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig(),
@@ -292,7 +290,6 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             bar.close()
         del it  # shuts the workers down
     stats.wall_s = time.monotonic() - t0
-    stats.mined_scanned_s = miner.scanned_s if miner is not None else 0.0
     stats.final_loss = float("nan") if ema is None else ema
     averaged = averaged.to("cpu", memory_format=torch.contiguous_format).eval()
     return averaged, stats
@@ -401,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --device {args.device}: {str(exc).splitlines()[0]} (use --device cpu)", file=sys.stderr)
         return 2
 
+    if not 0 <= args.mine < 1:  # NaN fails too
+        print("error: --mine must be at least 0 and below 1", file=sys.stderr)
+        return 2
     try:
         frontend = parse_frontend(args.frontend)
     except (TypeError, ValueError) as exc:
@@ -474,9 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     miner = None
     if args.mine > 0:
-        if not 0 < args.mine < 1:
-            print("error: --mine must be between 0 and 1", file=sys.stderr)
-            return 2
         negatives = [(c, x) for c, x in zip(train_clips, audio) if c.label == data.NEGATIVE and len(x) >= frontend.win_length]
         pool = augment.StratifiedPool(negatives, augment.impulsive_weight)
         miner = mining.HardNegativeMiner(pool.draw, frontend, args.windows, level_dbfs=mix_cfg.level_dbfs)
@@ -491,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
              stats.final_loss)
     if miner is not None:
         log.info("mined %d hard-negative segments from %.2f h of training negatives; %d of the windows trained on came from them",
-                 miner.mined, stats.mined_scanned_s / 3600, stats.mined_examples)
+                 miner.mined, miner.scanned_s / 3600, stats.mined_examples)
     provenance = {
         "git_commit": git_commit(),
         "data_index_sha256": data.index_sha256(args.data),
@@ -515,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
                   **{k: start.provenance.get(k) for k in ("git_commit", "date", "steps", "command", "init")}}
                  if args.init else None),
         "mining": ({"fraction": cfg.mined_fraction, "every_steps": cfg.mine_every, "after": cfg.mine_after,
-                    "scanned_h": round(stats.mined_scanned_s / 3600, 2), "segments": miner.mined,
+                    "scanned_h": round(miner.scanned_s / 3600, 2), "segments": miner.mined,
                     "windows_trained": stats.mined_examples} if miner is not None else None),
         "parameters": n_params,
         "torch": torch.__version__,
