@@ -25,7 +25,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -37,93 +36,17 @@ import zmq
 
 from audio_bursts import burst_wav, silence_wav
 from brokers import Subscriber, free_port, retained, wait_until
+from daemonproc import NODE, SOURCE, TOPIC, DaemonProcess, daemon_config, first_seen
 from hostile_zmq import HostileSubscriber
 
 pytestmark = pytest.mark.timeout(180)
 
-NODE, SOURCE = "testnode", "yard"
-TOPIC = f"earshot/{NODE}/{SOURCE}/event"
 HERE = Path(__file__).parent
 
 
-def _config(path: Path, model: Path, port: int, wav: Path, state: Path, realtime: bool = True,
-            metrics_port: int | None = None, clips: bool = False) -> Path:
-    path.write_text(
-        f'node = "{NODE}"\nstate_dir = "{state}"\n'
-        f'[[source]]\nname = "{SOURCE}"\nkind = "file"\npath = "{wav}"\nrealtime = {str(realtime).lower()}\n'
-        f'[model]\npath = "{model}"\n'
-        f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\nreconnect_max_s = 1\n'
-        '[zmq]\nenabled = false\n[stdout]\nenabled = true\n[homeassistant]\nenabled = false\n'
-        f'[clips]\nenabled = {str(clips).lower()}\nhttp = false\n'
-        + (f'[metrics]\nlisten = "127.0.0.1:{metrics_port}"\n' if metrics_port else '[metrics]\nenabled = false\n')
-    )
-    return path
-
-
-class Daemon:
-    """`earshot run` as a subprocess; its events (stdout, one JSON per line) and log lines collected live."""
-
-    def __init__(self, config: Path) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.pop("STATE_DIRECTORY", None)
-        self.proc = subprocess.Popen([sys.executable, "-m", "earshot", "run", "-c", str(config)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self.events: list[dict] = []
-        self.lines: list[str] = []
-        self._threads = [threading.Thread(target=self._read_out, daemon=True),
-                         threading.Thread(target=self._read_err, daemon=True)]
-        for t in self._threads:
-            t.start()
-
-    def _read_out(self) -> None:
-        for line in self.proc.stdout:
-            if line.strip():
-                self.events.append(json.loads(line))
-
-    def _read_err(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def produced(self) -> list[tuple[str, str]]:
-        return [(e["id"], e["type"]) for e in self.events]
-
-    def wait_log(self, needle: str, timeout_s: float) -> bool:
-        return wait_until(lambda: needle in self.log, timeout_s, poll_s=0.1)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
-        for t in self._threads:
-            t.join(5)
-
-    def wait(self, timeout_s: float) -> int:
-        try:
-            self.proc.wait(timeout_s)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        for t in self._threads:
-            t.join(5)
-        return self.proc.returncode
-
-
-def _first_seen(payloads: list[bytes]) -> list[tuple[str, str]]:
-    """(id, type) in order of first arrival (QoS 1 may deliver twice; consumers drop duplicates by id)."""
-    out: list[tuple[str, str]] = []
-    for p in payloads:
-        e = json.loads(p)
-        if (e["id"], e["type"]) not in out:
-            out.append((e["id"], e["type"]))
-    return out
-
-
 def _delivered_all(sub: Subscriber, produced: list[tuple[str, str]], timeout_s: float = 20.0) -> list[tuple[str, str]]:
-    sub.wait_for(lambda m: set(produced) <= set(_first_seen([p for t, p, _ in m if t == TOPIC])), timeout_s)
-    return _first_seen(sub.on(TOPIC))
+    sub.wait_for(lambda m: set(produced) <= set(first_seen([p for t, p, _ in m if t == TOPIC])), timeout_s)
+    return first_seen(sub.on(TOPIC))
 
 
 def _metric(port: int, name: str) -> float | None:
@@ -132,10 +55,10 @@ def _metric(port: int, name: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
-def _replay_spool(tmp_path: Path, model: Path, broker, state: Path) -> Daemon:
+def _replay_spool(tmp_path: Path, model: Path, broker, state: Path) -> DaemonProcess:
     """A second daemon on silence with the same state directory: it sends what the spool kept."""
-    quiet = _config(tmp_path / "quiet.toml", model, broker.port, silence_wav(tmp_path / "quiet.wav", 3.0), state)
-    second = Daemon(quiet)
+    quiet = daemon_config(tmp_path / "quiet.toml", model, broker.port, silence_wav(tmp_path / "quiet.wav", 3.0), state)
+    second = DaemonProcess(quiet)
     assert second.wait(90) == 0, second.log
     assert not second.events
     return second
@@ -194,10 +117,8 @@ def test_daemon_killed_with_events_spooled(tmp_path, tiny_checkpoint, mosquitto_
     broker.stop()
     state = tmp_path / "state"
     wav = burst_wav(tmp_path / "bursts.wav", duration_s=30.0)
-    first = Daemon(_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state))
-    try:
+    with DaemonProcess(daemon_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state)) as first:
         assert wait_until(lambda: len(first.events) >= 10, 60), first.log
-    finally:
         first.kill()
     produced = first.produced()
 
@@ -221,8 +142,8 @@ def test_state_dir_fills_and_frees_while_broker_is_down(tmp_path, tiny_checkpoin
     broker.stop()
     mport = free_port()
     wav = burst_wav(tmp_path / "bursts.wav", duration_s=45.0)
-    daemon = Daemon(_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state, metrics_port=mport))
-    try:
+    config = daemon_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state, metrics_port=mport)
+    with DaemonProcess(config) as daemon:
         assert wait_until(lambda: len(daemon.events) >= 2, 60), daemon.log
         filler = _fill(state)
         before_full = len(daemon.events)
@@ -237,7 +158,6 @@ def test_state_dir_fills_and_frees_while_broker_is_down(tmp_path, tiny_checkpoin
         assert memory_s is not None and memory_s > 0
         n = len(daemon.events)
         assert wait_until(lambda: len(daemon.events) >= n + 2, 30)
-    finally:
         daemon.kill()
     produced = daemon.produced()
     assert daemon.proc.returncode == -signal.SIGKILL
@@ -263,9 +183,8 @@ def test_full_state_dir_at_start(tmp_path, tiny_checkpoint, mosquitto_factory, s
     sub = Subscriber(broker, [TOPIC], client_id="tester")
     mport = free_port()
     wav = burst_wav(tmp_path / "bursts.wav", duration_s=30.0)
-    daemon = Daemon(_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state, metrics_port=mport,
-                            clips=True))
-    try:
+    config = daemon_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, state, metrics_port=mport, clips=True)
+    with DaemonProcess(config) as daemon:
         assert daemon.wait_log("IN MEMORY ONLY", 60), daemon.log
         assert wait_until(lambda: len(daemon.events) >= 4, 60), daemon.log
         assert wait_until(lambda: _metric(mport, "earshot_publisher_spool_in_memory") == 1.0, 10)
@@ -274,9 +193,6 @@ def test_full_state_dir_at_start(tmp_path, tiny_checkpoint, mosquitto_factory, s
         assert daemon.wait_log("on disk again", 20), daemon.log
         assert _metric(mport, "earshot_publisher_spool_in_memory") == 0.0
         assert daemon.wait(90) == 0, daemon.log
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
     produced = daemon.produced()
     got = _delivered_all(sub, produced)
     sub.close()
@@ -295,9 +211,9 @@ def test_retained_off_command_is_not_replayed_after_a_broker_restart(tmp_path, t
     broker = mosquitto_factory(persistence=True).start()
     sub = Subscriber(broker, [TOPIC], client_id="tester")
     wav = burst_wav(tmp_path / "bursts.wav", duration_s=40.0)
-    daemon = Daemon(_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, tmp_path / "state"))
     base = f"earshot/{NODE}/{SOURCE}"
-    try:
+    config = daemon_config(tmp_path / "a.toml", tiny_checkpoint, broker.port, wav, tmp_path / "state")
+    with DaemonProcess(config) as daemon:
         assert wait_until(lambda: len(daemon.events) >= 2, 60), daemon.log
         mqtt_publish.single(f"{base}/enabled/set", "OFF", qos=1, retain=True, hostname=broker.host, port=broker.port)
         assert wait_until(lambda: retained(broker, f"{base}/enabled") == b"OFF", 10), daemon.log
@@ -309,9 +225,6 @@ def test_retained_off_command_is_not_replayed_after_a_broker_restart(tmp_path, t
         assert wait_until(lambda: len(daemon.events) >= restarted + 4, 40), "no detection after the broker restart"
         assert retained(broker, f"{base}/enabled") == b"ON"
         assert daemon.wait(90) == 0, daemon.log
-    finally:
-        if daemon.proc.poll() is None:
-            daemon.kill()
     produced = daemon.produced()
     got = _delivered_all(sub, produced)
     sub.close()

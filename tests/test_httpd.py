@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import logging
-import resource
 import socket
 import struct
 import threading
@@ -16,16 +15,9 @@ import time
 import pytest
 
 from earshot.httpd import BoundedServer, Request, Response, content, text
+from sockflood import idle_connections, raise_nofile
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def _raise_nofile(n: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = n if hard == resource.RLIM_INFINITY else min(n, hard)
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _get(port: int, path: str = "/", timeout: float = 10.0, headers: dict | None = None) -> tuple[int, bytes]:
@@ -62,18 +54,10 @@ def server():
 def test_idle_flood_costs_no_thread_and_real_clients_still_get_in(server):
     """1,000 idle connections: the server holds at most max_connections, starts no thread for them, keeps
     the process's CPU low, and a real request made during the flood is answered at once."""
-    _raise_nofile(4096)
+    raise_nofile(4096)
     srv = server(workers=4, max_connections=64, timeout_s=5.0)
     threads_before = threading.active_count()
-    idle = []
-    for _ in range(1000):
-        s = socket.socket()
-        s.setblocking(False)
-        try:
-            s.connect(("127.0.0.1", srv.port))
-        except BlockingIOError:
-            pass
-        idle.append(s)
+    idle = idle_connections(srv.port, 1000)
     time.sleep(1.0)  # idle ones are now old enough to be closed for a newcomer
     cpu0, t0 = time.process_time(), time.monotonic()
     time.sleep(1.0)
@@ -91,7 +75,7 @@ def test_idle_flood_costs_no_thread_and_real_clients_still_get_in(server):
 
 def test_200_concurrent_requests_all_answered(server):
     """200 clients at once against 4 workers: every one gets its 200 (none reset, none refused)."""
-    _raise_nofile(4096)
+    raise_nofile(4096)
     srv = server(workers=4, max_connections=256)
     with concurrent.futures.ThreadPoolExecutor(200) as pool:
         results = list(pool.map(lambda i: _get(srv.port, f"/r{i}")[0], range(200)))

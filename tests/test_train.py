@@ -411,6 +411,11 @@ def test_evaluate_by_heldout_source_calibrates_on_negatives_and_reports_both_spl
     assert src["reported_on"].startswith("held-out sources")
     assert set(src["mixtures"]["alerted_by_ebr"]) == {"-6", "+0", "+6"}
     assert src["false_alarms"]["hours"] > 0
+    curve = src["operating_curve"]
+    for label in src["thresholds"]:  # every threshold of the sweep, and summary points within their limits
+        assert [r["threshold"] for r in curve["sweep"][label]] == list(evaluate.CURVE_GRID)
+        for limit, best in curve["best_within_fa_per_hour"].items():
+            assert best[label] is None or best[label]["fa_per_hour"] <= float(limit)
     table = capsys.readouterr().out
     assert "| m.pt | source |" in table and "| m.pt | group |" in table
     assert load_checkpoint(model).thresholds == src["thresholds"]

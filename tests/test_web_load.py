@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
-import resource
 import socket
 import struct
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from audio_bursts import burst_wav
 from brokers import Subscriber, wait_until
+from sockflood import idle_connections, raise_nofile
 from webdaemon import Daemon
 
 pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
@@ -60,12 +60,10 @@ def test_http_abuse_loses_nothing(tmp_path, tiny_checkpoint, mosquitto, nofile, 
     """Idle flood, 200 concurrent requests and resets during a 24 s stream of detections: every event produced
     is delivered over MQTT, no audio is lost, the HTTP side does not spin, every request is answered (200;
     with 128 files some quick 503s are allowed), and the log has no traceback."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = idle + 400
-    if soft < need:
-        if hard != resource.RLIM_INFINITY and hard < need:
-            pytest.skip(f"this test opens {need} sockets; the hard open-file limit is {hard}")
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    limit = raise_nofile(need)
+    if limit < need:
+        pytest.skip(f"this test opens {need} sockets; the hard open-file limit is {limit}")
     wav = burst_wav(tmp_path / "bursts.wav", duration_s=24.0, every_s=1.2)
     sub = Subscriber(mosquitto, ["earshot/webnode/yard/event"])
     d = Daemon(tmp_path, tiny_checkpoint, wav, mosquitto.port, token=None, loop=False, nofile=nofile)
@@ -73,15 +71,7 @@ def test_http_abuse_loses_nothing(tmp_path, tiny_checkpoint, mosquitto, nofile, 
         d.wait_ready()
         baseline = _cpu_share(d.proc.pid, 2.0)
 
-        flood = []
-        for _ in range(idle):
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", d.port))
-            except BlockingIOError:
-                pass
-            flood.append(s)
+        flood = idle_connections(d.port, idle)
         time.sleep(1.0)
         during = _cpu_share(d.proc.pid, 3.0)
 

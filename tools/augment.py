@@ -568,8 +568,13 @@ class Mixer:
         and the network computes each frame once for all of them: training sees nine times as many
         labelled windows per minute as with separate windows (measured in 10-minute runs).
         """
-        cfg, chunk = self.cfg, self.p.chunk_frames
         mix, placed, end0 = self.mixture(rng)
+        return [self.segment_of(mix, placed, end0, rng)[0]]
+
+    def segment_of(self, mix: np.ndarray, placed: list[_Placed], end0: int, rng: np.random.Generator
+                   ) -> tuple[Example, np.ndarray]:
+        """The segment of a mixture made by `mixture`, and the end frames of its windows (`segments`)."""
+        cfg, chunk = self.cfg, self.p.chunk_frames
         feats = features(mix, self.p)
         ends = end0 + WINDOW_HOP * np.arange(cfg.segment_windows)
         if ends[-1] > feats.shape[0]:
@@ -580,7 +585,7 @@ class Mixer:
         labels = [self.label_window(placed, int(e)) for e in ends]
         y = np.stack([lab[0] for lab in labels])
         m = np.stack([lab[1] for lab in labels])
-        return [(np.ascontiguousarray(seg, dtype=np.float32), y, m)]
+        return (np.ascontiguousarray(seg, dtype=np.float32), y, m), ends
 
 
 # ---------------------------------------------------------------------------

@@ -448,6 +448,40 @@ def onset_stats(refs: Sequence[RefEvent], est: Sequence[EstEvent], labels: Seque
     return out
 
 
+CURVE_GRID = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+"""Thresholds of the operating curve (`operating_curve`)."""
+CURVE_FA_LIMITS = (2.0, 10.0)
+"""False alarms per hour at which the curve's best alerted share is summarised."""
+
+
+def operating_curve(refs_by_ebr: dict[float, Sequence[RefEvent]], hops_by_ebr: dict, fa_hops, fa_hours: float,
+                    loaded) -> dict:
+    """The trade-off behind one operating point: per class and threshold (`CURVE_GRID`), false alarms per
+    hour on the reported negatives and the share of events alerted at each EBR; and, per false-alarm
+    limit (`CURVE_FA_LIMITS`), the best 0 dB alerted share of a threshold within it (with its -6 dB share).
+
+    Two models compared at their calibrated thresholds differ by where calibration landed as much as by
+    what they learnt; at matched false alarms on the same negatives they differ by what they learnt. The
+    limit is applied to the reported negatives themselves, so these are curve points, not calibrated results.
+    """
+    labels = list(loaded.labels)
+    rows: dict[str, list[dict]] = {label: [] for label in labels}
+    for t in CURVE_GRID:
+        th = {label: float(t) for label in labels}
+        fa = replay(fa_hops, loaded, th)
+        shares = {ebr: alerted(refs, replay(hops_by_ebr[ebr], loaded, th), labels) for ebr, refs in refs_by_ebr.items()}
+        for label in labels:
+            rows[label].append({"threshold": float(t), "fa_per_hour": sum(e.label == label for e in fa) / fa_hours,
+                                **{f"alerted_{ebr:+.0f}db": shares[ebr][label] for ebr in refs_by_ebr}})
+    at_limit: dict[str, dict] = {}
+    for limit in CURVE_FA_LIMITS:
+        at_limit[f"{limit:g}"] = {}
+        for label in labels:
+            ok = [r for r in rows[label] if r["fa_per_hour"] <= limit]
+            at_limit[f"{limit:g}"][label] = max(ok, key=lambda r: (r["alerted_+0db"], -r["threshold"])) if ok else None
+    return {"sweep": rows, "best_within_fa_per_hour": at_limit}
+
+
 def source_halves(heldout: Sequence[data.Clip]) -> dict[str, str]:
     """Held-out negative group -> 'cal' (a third, for thresholds) or 'report' (two thirds, >= 1 h).
 
@@ -628,6 +662,20 @@ def markdown(result: dict, labels: Sequence[str]) -> str:
         causes = ", ".join(f"{k} x{v}" for k, v in list(fa["causes"][label].items())[:4])
         lines.append(f"| {label} | {fa['false_alarms'][label]} | {fa['per_hour'][label]:.2f} | {causes} |")
     lines.append("")
+    lines.append("Operating curve (thresholds swept on these same negatives, so not a calibrated result): the best "
+                 "share alerted at 0 dB (with -6 dB) among thresholds within a false-alarm rate:")
+    lines.append("")
+    limits = list(result["operating_curve"]["best_within_fa_per_hour"])
+    lines.append("| class | " + " | ".join(f"<= {lim} FA/h: alerted 0 / -6 dB (threshold)" for lim in limits) + " |")
+    lines.append("|---|" + "---:|" * len(limits))
+    for label in labels:
+        cells = []
+        for lim in limits:
+            r = result["operating_curve"]["best_within_fa_per_hour"][lim][label]
+            cells.append("none" if r is None else
+                         f"{100 * r['alerted_+0db']:.0f} / {100 * r['alerted_-6db']:.0f} % ({r['threshold']:g})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     lines.append("| class / source | recall (all EBRs) | events |")
     lines.append("|---|---:|---:|")
     for key, v in mixr["recall_by_source"].items():
@@ -704,9 +752,9 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     result["thresholds"] = dict(loaded.thresholds)
     log.info("%s: evaluating on %s: %d events, %d negatives", path, result["reported_on"], len(events), len(negatives))
     mix = build_mixtures(events, negatives, args.seed)
-    est_by_ebr = {}
+    est_by_ebr, hops_by_ebr = {}, {}
     for ebr, streams in mix.streams.items():
-        est_by_ebr[ebr], _ = run_streams(streams, loaded)
+        est_by_ebr[ebr], hops_by_ebr[ebr] = run_streams(streams, loaded, keep_hops=True)
     result["mixtures"] = mixture_report(mix, est_by_ebr, labels)
     result["mixtures"]["streams_per_ebr"] = len(mix.streams[EBRS_DB[0]])
     result["mixtures"]["alerted_by_ebr"] = {f"{ebr:+.0f}": alerted(mix.refs[ebr], est_by_ebr[ebr], labels)
@@ -714,8 +762,9 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
     result["mixtures"]["onsets_0db"] = onset_stats(mix.refs[0.0], est_by_ebr[0.0], labels)
     fa_s, fa_spans = fa_streams(negatives, args.seed)
     calls1 = loaded.confirmer.calls if loaded.confirmer is not None else 0
-    fa_est, _ = run_streams(fa_s, loaded)
+    fa_est, fa_hops = run_streams(fa_s, loaded, keep_hops=True)
     result["false_alarms"] = fa_report(fa_est, fa_s, fa_spans, labels)
+    result["operating_curve"] = operating_curve(mix.refs, hops_by_ebr, fa_hops, result["false_alarms"]["hours"], loaded)
     if loaded.confirmer is not None:
         result["confirmer_calls_per_hour_on_negatives"] = (loaded.confirmer.calls - calls1) / result["false_alarms"]["hours"]
     result["markdown"] = markdown(result, labels)

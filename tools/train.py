@@ -11,6 +11,9 @@ where it is ambiguous); AdamW with a one-cycle schedule (warm-up, then cosine de
 holds the exponential moving average of the weights (`update_average`). With `--minutes` the schedule
 runs on wall-clock progress, so the run ends on time on any machine; the number of steps actually
 taken is recorded in the checkpoint's provenance and `--steps N` alone replays a fixed-length run.
+Hard negatives mined from the training negatives replace part of every batch (`--mine`, tools/mining.py);
+with `--distill W` the network also learns EfficientAT mn04's AudioSet tags of one window per segment
+(tools/distill.py).
 
 The core is `train(make_examples, dims, ...)`, which knows nothing about files: the tests call it with
 a synthetic-sound mixer to build the tiny model used by the end-to-end tests.
@@ -50,6 +53,7 @@ from earshot.model.cnn import SoundEventCnn, pool_windows  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import augment  # noqa: E402
 import data  # noqa: E402
+import distill  # noqa: E402
 import mining  # noqa: E402
 
 log = logging.getLogger("train")
@@ -136,10 +140,17 @@ def window_logits(model: SoundEventCnn, x: torch.Tensor, chunk_frames: int, hop_
     every window (the convolutions are valid in time, so an embedding does not depend on where the
     window starts).
     """
-    logits, att = model.frame_outputs(model.embed(x))  # (B, L, C)
+    return pooled_logits(model, model.embed(x), chunk_frames, hop_frames)
+
+
+def pooled_logits(model: SoundEventCnn, emb: torch.Tensor, chunk_frames: int, hop_frames: int = augment.WINDOW_HOP
+                  ) -> torch.Tensor:
+    """`window_logits` from the segment's frame embeddings (B, L, D)."""
+    logits, att = model.frame_outputs(emb)  # (B, L, C)
     n = chunk_frames - model.dims.receptive_frames + 1  # embeddings per window
     if (logits.shape[1] - n) % hop_frames:
-        raise ValueError(f"segment of {x.shape[1]} frames is not {chunk_frames} + a multiple of {hop_frames}")
+        raise ValueError(f"segment of {emb.shape[1] + model.dims.receptive_frames - 1} frames is not "
+                         f"{chunk_frames} + a multiple of {hop_frames}")
     return pool_windows(logits, att, n, hop_frames)
 
 
@@ -195,12 +206,15 @@ class TrainStats:
 def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainConfig(),
           chunk_frames: int = FrontendParams().chunk_frames,
           miner: mining.HardNegativeMiner | None = None,
-          init_state: dict[str, torch.Tensor] | None = None) -> tuple[SoundEventCnn, TrainStats]:
+          init_state: dict[str, torch.Tensor] | None = None,
+          distillation: distill.Distillation | None = None) -> tuple[SoundEventCnn, TrainStats]:
     """Train a `SoundEventCnn` on windows or segments from `make_examples`; returns it in eval mode, with stats.
 
     With a `miner` and `cfg.mined_fraction` > 0, the averaged model scans fresh negative audio every
     `cfg.mine_every` steps and that share of every batch is replaced by segments it fired on.
     `init_state` (a state dict of the same dims, loaded strictly) starts from trained weights: fine-tuning.
+    With a `distillation`, `make_examples` gives `distill.DistillExample`s and the model also learns the
+    teacher's tags of one window per segment through the distillation's head (trained here, not returned).
     """
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -217,7 +231,12 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
 
     def averaged_scores(f: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(window_logits(averaged, f.to(device), chunk_frames)).cpu()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters())
+    if distillation is not None:
+        distillation.head.to(device).train()
+        params += list(distillation.head.parameters())
+    positions = chunk_frames - dims.receptive_frames + 1  # frame embeddings per window
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     stream = ExampleStream(make_examples, cfg.seed, cfg.shuffle_buffer)
     loader = torch.utils.data.DataLoader(
         stream,
@@ -250,7 +269,8 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
             lr = lr_at(progress, cfg.lr, cfg.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            x, y, m = next(it)
+            x, y, m, *teacher = next(it)  # teacher: (tags, window index) when distilling
+            taught = torch.ones(x.shape[0])  # segments that carry the teacher's tags
             if n_mined and progress >= cfg.mine_after:
                 if stats.steps % cfg.mine_every == 0:
                     miner.mine(averaged_scores, mine_rng)
@@ -259,13 +279,18 @@ def train(make_examples: MakeExamples, dims: CnnDims, cfg: TrainConfig = TrainCo
                     k = mined.shape[0]
                     x, y, m = x.clone(), y.clone(), m.clone()
                     x[-k:], y[-k:], m[-k:] = torch.from_numpy(mined), 0.0, 1.0
+                    taught[-k:] = 0.0
                     stats.mined_examples += k * y.shape[1]
             x, y, m = (t.to(device, non_blocking=True) for t in (x, y, m))
-            logits = window_logits(model, x, chunk_frames)
-            loss = masked_bce(logits, y, m, pos_weight)
+            emb = model.embed(x)
+            loss = masked_bce(pooled_logits(model, emb, chunk_frames), y, m, pos_weight)
+            if distillation is not None:
+                tags, k = (t.to(device, non_blocking=True) for t in teacher)
+                loss = loss + distillation.weight * distill.distill_loss(
+                    distillation.head, emb, tags, k, taught.to(device), positions, augment.WINDOW_HOP)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+            nn.utils.clip_grad_norm_(params, 5.0)
             opt.step()
             update_average(averaged, model, min(cfg.ema_decay, (1 + stats.steps) / (10 + stats.steps)))
             value = float(loss.detach())
@@ -386,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mine", type=float, default=0.125,
                     help="share of each batch replaced by hard negatives mined where the model fires on fresh "
                          "training negatives (0 = no mining; see tools/mining.py)")
+    ap.add_argument("--distill", type=float, default=0.0,
+                    help="weight of the distillation loss: the network also learns EfficientAT mn04's 527 AudioSet "
+                         "tags of one window per segment (0 = off; see tools/distill.py)")
+    ap.add_argument("--pretrained", default=str(data.default_data_dir().parent / "pretrained" / "mn04_as_mAP_432.pt"),
+                    help="the teacher's weights for --distill (EfficientAT mn04_as state dict)")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint's weights (fine-tuning); its network and frontend become the "
                          "run's, --dims and --frontend must not be given")
@@ -401,6 +431,16 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.mine < 1:  # NaN fails too
         print("error: --mine must be at least 0 and below 1", file=sys.stderr)
         return 2
+    if not 0 <= args.distill <= 1000:  # NaN fails too
+        print("error: --distill must be between 0 and 1000", file=sys.stderr)
+        return 2
+    teacher = distill.TagTeacher(args.pretrained) if args.distill > 0 else None
+    if teacher is not None:
+        try:
+            teacher.check()
+        except ValueError as exc:
+            print(f"error: --pretrained: {exc}", file=sys.stderr)
+            return 2
     try:
         frontend = parse_frontend(args.frontend)
     except (TypeError, ValueError) as exc:
@@ -483,7 +523,12 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in SoundEventCnn(dims).parameters())
     log.info("device %s, torch threads %d, example workers %d", cfg.device, cfg.threads, cfg.num_workers)
     log.info("model %s: %d parameters, %.1f M MAC/s of audio", dims, n_params, macs_per_frame(dims) * 100 / 1e6)
-    model, stats = train(mixer.segments, dims, cfg, frontend.chunk_frames, miner, init_state)
+    make_examples: Callable = mixer.segments
+    distillation = None
+    if teacher is not None:
+        make_examples = distill.TeacherSegments(mixer, teacher)
+        distillation = distill.Distillation(distill.TagHead(dims.embed_dim), args.distill)
+    model, stats = train(make_examples, dims, cfg, frontend.chunk_frames, miner, init_state, distillation)
     log.info("trained %d steps (%d windows) in %.1f min, final loss %.4f", stats.steps, stats.examples, stats.wall_s / 60,
              stats.final_loss)
     if miner is not None:
@@ -514,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         "mining": ({"fraction": cfg.mined_fraction, "every_steps": cfg.mine_every, "after": cfg.mine_after,
                     "scanned_h": round(miner.scanned_s / 3600, 2), "segments": miner.mined,
                     "windows_trained": stats.mined_examples} if miner is not None else None),
+        "distillation": ({"teacher": "EfficientAT mn04_as (AudioSet mAP 0.432, MIT licence), frozen",
+                          "teacher_weights": Path(args.pretrained).name, "tags": distill.N_TAGS,
+                          "windows_per_segment": 1, "weight": args.distill} if teacher is not None else None),
         "parameters": n_params,
         "torch": torch.__version__,
         "device": cfg.device,

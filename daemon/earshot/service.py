@@ -45,9 +45,9 @@ wake-ups a second for 10 hops; each one costs more on a small machine than its P
 MIN_SLEEP_S = 0.002
 """Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
 BLOCK_SLACK_S = 0.02
-"""With one source, the worker sleeps this much past the moment the next hop's audio is due (s):
-audio arrives in capture blocks (20 ms by default), so waking exactly on time would mostly find
-the block not yet written and wake again."""
+"""The worker sleeps at least this much past the moment the next hop's audio is due (s), and one
+capture block (`block_ms`) when that is longer: audio arrives in whole blocks, so waking exactly on
+time would mostly find the block that completes the hop not yet written, and wake again."""
 MAX_HOPS_PER_READ = 10
 """Most hops read from one source per loop (a loop takes well under a hop, so a source that fell
 behind still catches up many times faster than real time)."""
@@ -316,7 +316,8 @@ class Worker(threading.Thread):
         if wait <= 0:
             return 0.0  # a capture without a ring (its read waits), or sources just read: look again at once
         if len(live) <= 1:
-            return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + BLOCK_SLACK_S))
+            slack = max(BLOCK_SLACK_S, live[0].source.block_ms / 1000.0) if live else BLOCK_SLACK_S
+            return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + slack))
         # Several sources: once one is due within a tick, a steady tick, so that sources due at
         # about the same time share a pass; until then, sleep until the first is due.
         return max(MIN_SLEEP_S, TICK_S if wait < TICK_S else min(MAX_WAIT_S, wait + BLOCK_SLACK_S))
