@@ -49,7 +49,7 @@ def test_clip_has_the_audio_around_the_event(tmp_path):
     assert rec.on_event(_event("end", "a" * 32, onset=5.0)).clip == "a" * 32
     assert not (tmp_path / f"{'a' * 32}.flac").exists()  # post-roll not complete yet
     _feed(rec, audio, SR * 7, SR * 9)
-    assert _wait(lambda: (tmp_path / f"{'a' * 32}.flac").exists())
+    assert _wait(lambda: (tmp_path / f"{'a' * 32}.json").exists())  # written last: the clip is complete
     clip, sr = sf.read(tmp_path / f"{'a' * 32}.flac", dtype="float32")
     assert sr == SR and len(clip) == 5 * SR
     np.testing.assert_allclose(clip, audio[3 * SR:8 * SR], atol=1.0 / 32768 + 1e-6)
@@ -86,7 +86,7 @@ def test_retention_deletes_the_oldest_and_the_too_old(tmp_path):
         _feed(rec, audio, i * 2 * SR, (i * 2 + 1) * SR)
         rec.on_event(_event("start", id_, onset=i * 2 + 0.9))
         _feed(rec, audio, (i * 2 + 1) * SR, (i * 2 + 2) * SR)
-        assert _wait(lambda: (tmp_path / f"{id_}.flac").exists())
+        assert _wait(lambda: (tmp_path / f"{id_}.json").exists())  # written after the flac
         os.utime(tmp_path / f"{id_}.flac", (time.time() - 100 + i, time.time() - 100 + i))
     rec.close()
     size = (tmp_path / f"{ids[0]}.flac").stat().st_size
