@@ -17,7 +17,6 @@ ONNX Runtime. Mined hard negatives (`tools/mining.py`) carry no tags and are lef
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +26,10 @@ from torch import nn
 
 try:  # run as `python tools/x.py` (tools/ on sys.path) or imported as `tools.distill`
     from augment import Example, Mixer
-    from train_confirm import TaggerEmbedder, window_audio
+    from train_confirm import TaggerEmbedder, load_tagger, window_audio
 except ImportError:  # pragma: no cover - import path depends on the entry point
     from tools.augment import Example, Mixer
-    from tools.train_confirm import TaggerEmbedder, window_audio
+    from tools.train_confirm import TaggerEmbedder, load_tagger, window_audio
 
 N_TAGS = 527
 """AudioSet classes of the teacher's output."""
@@ -52,14 +51,7 @@ class TagTeacher:
 
     def check(self) -> None:
         """Raise ValueError (one line) unless the pretrained weights load strictly into mn04."""
-        from earshot.model.mn import MobileNetTagger
-
-        try:
-            state = torch.load(self.pretrained, map_location="cpu", weights_only=True)
-            MobileNetTagger().load_state_dict(state, strict=True)
-        except (OSError, RuntimeError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as exc:
-            raise ValueError(f"{self.pretrained}: not EfficientAT's mn04_as weights "
-                             f"({' '.join(str(exc).split())[:200]})") from exc
+        load_tagger(self.pretrained)
 
     def __call__(self, window: np.ndarray) -> np.ndarray:
         if self._embedder is None:

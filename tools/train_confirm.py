@@ -46,19 +46,33 @@ IMPULSIVE_WEIGHT = 2.0
 """Extra factor for mined windows of impulsive look-alikes (augment.is_hard_negative kinds)."""
 
 
+def load_tagger(pretrained: str):
+    """EfficientAT's mn04 with the published weights at `pretrained`, loaded strictly (weights only);
+    ValueError in one line when the file is missing or holds anything else."""
+    import pickle
+
+    import torch
+
+    from earshot.model.mn import MobileNetTagger
+
+    tagger = MobileNetTagger()
+    try:
+        tagger.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True), strict=True)
+    except (OSError, RuntimeError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as exc:
+        raise ValueError(f"{pretrained}: not EfficientAT's mn04_as weights ({' '.join(str(exc).split())[:200]})") from exc
+    return tagger
+
+
 class TaggerEmbedder:
     """mn04 (frozen) over 1 s windows: [embedding | 527 logits] per window, batched."""
 
     def __init__(self, pretrained: str, threads: int = 1):
         import torch
 
-        from earshot.model.mn import MobileNetTagger
         from earshot.model.mnfeatures import MnFeatures
 
         torch.set_num_threads(threads)
-        self.net = MobileNetTagger()
-        self.net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True), strict=True)
-        self.net.eval()
+        self.net = load_tagger(pretrained).eval()
         self.features = MnFeatures()
         self._ort = None
         try:  # ONNX Runtime runs mn04's depthwise convolutions about 3x faster than torch on a CPU
@@ -276,13 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             np.savez(args.cache, **cache)
     head, summary = train_head(cache, args.seed, args.epochs, args.hidden, args.weight_decay)
     log.info("head trained: %s", summary)
-    import torch
-
-    from earshot.model.mn import MobileNetTagger
-
-    tagger = MobileNetTagger()
-    tagger.load_state_dict(torch.load(args.pretrained, map_location="cpu", weights_only=True), strict=True)
-    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
+    confirmer = Confirmer(load_tagger(args.pretrained), head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
                           reuse_hops=args.reuse_hops)
     prov = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
