@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 SOURCE_KINDS = ("mic", "file", "ffmpeg", "stdin", "demo")
+DEFAULT_BLOCK_MS = {"mic": 20.0, "file": 100.0, "demo": 100.0}
+"""`block_ms` when unset, per source kind (see `SourceConfig.block_ms`)."""
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # safe in MQTT topics and ZeroMQ topic prefixes
 
 
@@ -45,10 +47,12 @@ class SourceConfig:
     """mic: input channel to use (0-based); unset = average all channels. Valid: 0..255."""
     samplerate: int | None = None
     """mic: capture rate (Hz); unset = the device's default. Resampled to the model rate. Valid: 8000..384000."""
-    block_ms: float = 20.0
-    """Capture block length (ms): the capture thread wakes once per block. Longer blocks wake it less
-    often, but through PulseAudio's ALSA plugin 50 ms blocks lose audio (tests/test_capture.py's T3
-    capture failed 6 of 8 runs at 50 ms, none at 20 ms). Valid: 1..500."""
+    block_ms: float | None = None
+    """Capture block length (ms): the capture thread wakes once per block. Unset = 20 for a
+    microphone and 100 (the default hop) for a file or the demo. Longer blocks wake it less often,
+    but through PulseAudio's ALSA plugin 50 ms blocks lose audio (tests/test_capture.py's T3 capture
+    failed 6 of 8 runs at 50 ms, none at 20 ms); a file played at real time has no such limit, and
+    the detector looks at it once per hop. ffmpeg and stdin read what arrives. Valid: 1..500."""
     path: str | None = None
     """file: path of the audio file."""
     realtime: bool = True
@@ -61,6 +65,12 @@ class SourceConfig:
     """ffmpeg: extra input options placed before `-i`."""
     enabled: bool = True
     """Set false to keep a source in the file but not run it."""
+
+    @property
+    def block_s(self) -> float:
+        """The capture block length (s): `block_ms`, or the default of the source's kind."""
+        ms = self.block_ms if self.block_ms is not None else DEFAULT_BLOCK_MS.get(self.kind, 20.0)
+        return float(ms) / 1000.0
 
 
 @dataclass(frozen=True)

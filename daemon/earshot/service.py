@@ -35,9 +35,8 @@ from .workers import WorkerPool, process_count
 _LOGGER = logging.getLogger(__name__)
 
 TICK_S = 0.025
-"""Pace of the worker while one of several sources is due within it (s): it then scores every
-source whose next hop is complete in one batched pass, so a hop waits at most this long once its
-audio is in. With one source it sleeps until that source's next hop is due."""
+"""How often a disabled or ended source is looked at (s); a live one is read when its next hop is
+due (see `Worker._step`)."""
 MAX_WAIT_S = 0.1
 """Longest sleep of the worker (s): run-time calls (a threshold set over MQTT, a reload) and a
 stop are seen within it. Waking every TICK_S whatever was due cost a single-stream daemon 46
@@ -281,7 +280,8 @@ class Worker(threading.Thread):
             if stream.done:
                 continue
             n, due_in = _due(stream)
-            wait = min(wait, due_in)
+            if not n:  # not due, or read whole (no ring, disabled, ended)
+                wait = min(wait, due_in)
             if n == 0:
                 continue
             cap = stream.capture
@@ -310,17 +310,15 @@ class Worker(threading.Thread):
             results = self.scorer.push(frames)
             for i in fed:
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
-        live = [s for s in self.streams if not s.done]
-        if len(live) == 1 and fed:
-            wait = _due(live[0])[1]  # it was just read: when its next hop is due
+        for i in fed:
+            wait = min(wait, _due(self.streams[i])[1])  # just read: when its next hop is due
         if wait <= 0:
-            return 0.0  # a capture without a ring (its read waits), or sources just read: look again at once
-        if len(live) <= 1:
-            slack = max(BLOCK_SLACK_S, live[0].source.block_ms / 1000.0) if live else BLOCK_SLACK_S
-            return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + slack))
-        # Several sources: once one is due within a tick, a steady tick, so that sources due at
-        # about the same time share a pass; until then, sleep until the first is due.
-        return max(MIN_SLEEP_S, TICK_S if wait < TICK_S else min(MAX_WAIT_S, wait + BLOCK_SLACK_S))
+            return 0.0  # a capture without a ring (its read waits), or a source behind: look again at once
+        # Audio arrives in whole capture blocks, so a hop is complete once the block holding its
+        # end is written, up to one block after it is due: waking earlier finds nothing new.
+        # Sources due within that slack of each other share one pass.
+        slack = max([BLOCK_SLACK_S] + [s.source.block_s for s in self.streams if not s.done])
+        return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + slack))
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""
