@@ -32,4 +32,5 @@ def test_quick_daemon_benchmark(tmp_path):
         assert 0 < r["cpu_pct"] < 200 and 20 < r["rss_mb"] < 2000
         assert 0 <= r["lag_p99_ms"] < 5000
         assert r["runtime"] in ("onnx", "torch") and r["scorer_pct_per_stream"] > 0
+        assert 0 < r["wakeups_per_s"] < 100_000  # the daemon sleeps between hops
     assert "scorer %/str" in proc.stdout and "marginal" in proc.stdout

@@ -101,6 +101,25 @@ def _cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def _sleeps(pids: list[int]) -> int:
+    """Voluntary context switches so far of every thread of these processes: each is a sleep that
+    ends in a wake-up, which on a small or virtual machine costs more than most per-hop Python."""
+    total = 0
+    for p in pids:
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                for line in Path(f"/proc/{p}/task/{t}/status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+    return total
+
+
 def _rss_mb(pids: list[int]) -> float:
     total = 0
     for p in pids:
@@ -216,7 +235,7 @@ def run_daemon(n: int, wav: Path, mqtt_port: int, args: argparse.Namespace) -> d
             time.sleep(args.warmup)
             pids = _tree(proc.pid)
             load0 = _loadavg()
-            c0, w0 = _cpu_s(pids), time.monotonic()
+            c0, z0, w0 = _cpu_s(pids), _sleeps(pids), time.monotonic()
             lags: list[float] = []
             end = w0 + args.seconds
             while True:
@@ -227,7 +246,7 @@ def run_daemon(n: int, wav: Path, mqtt_port: int, args: argparse.Namespace) -> d
                 m = _scrape(url)
                 lags += [v for _, v in m.get("earshot_hop_lag_seconds", [])]
             pids = _tree(proc.pid)
-            c1, w1 = _cpu_s(pids), time.monotonic()
+            c1, z1, w1 = _cpu_s(pids), _sleeps(pids), time.monotonic()
             rss = _rss_mb(pids)
             m = _scrape(url)
             load1 = _loadavg()
@@ -252,6 +271,7 @@ def run_daemon(n: int, wav: Path, mqtt_port: int, args: argparse.Namespace) -> d
             "processes": len(pids),
             "cpu_pct": cpu_pct,
             "cpu_pct_per_stream": cpu_pct / n,
+            "wakeups_per_s": (z1 - z0) / (w1 - w0),
             "rss_mb": rss,
             "lag_p99_ms": float(np.percentile(lags, 99) * 1e3) if lags else float("nan"),
             "lag_max_ms": float(max(lags) * 1e3) if lags else float("nan"),
@@ -300,7 +320,7 @@ def _models(tmp: Path, args: argparse.Namespace) -> Path:
 def _table(rows: list[dict[str, Any]]) -> str:
     base = rows[0]
     head = (f"{'streams':>7} {'runtime':>7} {'procs':>5} {'CPU %core':>9} {'%/stream':>8} {'marginal':>8} "
-            f"{'scorer %/str':>12} {'overhead':>8} {'RSS MB':>7} {'lag p99 ms':>10} {'lost':>6} {'load':>9}")
+            f"{'scorer %/str':>12} {'overhead':>8} {'wakes/s':>7} {'RSS MB':>7} {'lag p99 ms':>10} {'lost':>6} {'load':>9}")
     lines = [head]
     for r in rows:
         marginal = ((r["cpu_pct"] - base["cpu_pct"]) / (r["streams"] - base["streams"])
@@ -311,9 +331,10 @@ def _table(rows: list[dict[str, Any]]) -> str:
         r["overhead_ratio"] = ratio
         load = f"{r['loadavg'][0]:.1f}-{r['loadavg'][1]:.1f}" + ("*" if r["stress"] else "")
         lines.append(f"{r['streams']:>7} {r['runtime']:>7} {r['processes']:>5} {r['cpu_pct']:>9.2f} "
-                     f"{r['cpu_pct_per_stream']:>8.3f} {marginal:>8.3f} {scorer:>12.3f} {ratio:>7.1f}x "
+                     f"{r['cpu_pct_per_stream']:>8.3f} {marginal:>8.3f} {scorer:>12.3f} {ratio:>7.1f}x {r['wakeups_per_s']:>7.0f} "
                      f"{r['rss_mb']:>7.0f} {r['lag_p99_ms']:>10.0f} {r['samples_lost']:>6} {load:>9}")
     lines.append("CPU = daemon + its worker processes, % of one core; marginal = (CPU(N) - CPU(first)) / (N - first);")
+    lines.append("wakes/s = voluntary context switches a second, all threads (metrics scrapes included);")
     lines.append("scorer = tools/bench.py frontend + batched scorer per stream, same run; overhead = daemon/scorer per "
                  "stream; load = host 1-min load average before-after (* = stress-ng --cpu beside it)")
     return "\n".join(lines)
