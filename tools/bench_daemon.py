@@ -101,6 +101,17 @@ def _cpu_s(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def _status_value(path: str, field: str) -> int:
+    """The number after `field:` in a /proc status file; 0 when the process or thread has gone."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def _sleeps(pids: list[int]) -> int:
     """Voluntary context switches so far of every thread of these processes: each is a sleep that
     ends in a wake-up, which on a small or virtual machine costs more than most per-hop Python."""
@@ -110,26 +121,12 @@ def _sleeps(pids: list[int]) -> int:
             tasks = os.listdir(f"/proc/{p}/task")
         except OSError:
             continue
-        for t in tasks:
-            try:
-                for line in Path(f"/proc/{p}/task/{t}/status").read_text().splitlines():
-                    if line.startswith("voluntary_ctxt_switches:"):
-                        total += int(line.split()[1])
-            except OSError:
-                continue
+        total += sum(_status_value(f"/proc/{p}/task/{t}/status", "voluntary_ctxt_switches") for t in tasks)
     return total
 
 
 def _rss_mb(pids: list[int]) -> float:
-    total = 0
-    for p in pids:
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except OSError:
-            continue
-    return total / 1024.0
+    return sum(_status_value(f"/proc/{p}/status", "VmRSS") for p in pids) / 1024.0  # kB -> MB
 
 
 def _loadavg() -> float:

@@ -69,7 +69,7 @@ class SourceConfig:
     @property
     def block_s(self) -> float:
         """The capture block length (s): `block_ms`, or the default of the source's kind."""
-        ms = self.block_ms if self.block_ms is not None else DEFAULT_BLOCK_MS.get(self.kind, 20.0)
+        ms = self.block_ms if self.block_ms is not None else DEFAULT_BLOCK_MS.get(self.kind, DEFAULT_BLOCK_MS["mic"])
         return float(ms) / 1000.0
 
 
