@@ -219,6 +219,34 @@ def test_train_confirm_cli_trains_a_head_and_writes_a_loadable_cascade(tiny_chec
     assert loaded.provenance["confirm"]["windows"] == len(cached["x"])
 
 
+def test_train_confirm_finetunes_the_taggers_last_blocks(tiny_checkpoint, tmp_path):
+    """--finetune-blocks 2: the cache holds the trunk's activations, only the last two blocks and the last
+    conv change (the stem, earlier blocks and classifier keep the pretrained weights), and the cascade
+    written loads strictly with them."""
+    import train_confirm
+    from test_train import _write_folder
+
+    folder = _write_folder(tmp_path / "data")
+    weights = tmp_path / "tagger.pt"
+    torch.manual_seed(0)
+    torch.save(MobileNetTagger().state_dict(), weights)
+    out, cache = tmp_path / "cascade.pt", tmp_path / "cache.npz"
+    args = ["--data", str(folder), "--pretrained", str(weights), "--stage1", str(tiny_checkpoint), "--out", str(out),
+            "--cache", str(cache), "--windows", "48", "--mined", "16", "--epochs", "2", "--trigger", "0.05",
+            "--heldout-sources", "", "--finetune-blocks", "2", "--finetune-lr", "1e-2"]
+    assert train_confirm.main(args) == 0
+    cached = np.load(cache)
+    assert cached["x"].ndim == 4 and cached["x"].dtype == np.float16  # (N, C, H, W) where block 14 begins
+    before = torch.load(weights, weights_only=True)
+    after = load_checkpoint(out).confirmer.tagger.state_dict()
+    changed = {k.split(".")[1] for k, v in after.items() if v.is_floating_point() and not torch.equal(v, before[k])
+               and k.startswith("features.")}
+    assert changed == {"14", "15", "16"}
+    assert all(torch.equal(after[k], before[k]) for k in before if k.startswith("classifier."))
+    with pytest.raises(SystemExit, match="another --finetune-blocks"):
+        train_confirm.main(args[:-4] + ["--finetune-blocks", "1"])
+
+
 def test_onnx_export_carries_the_confirmer_and_scores_as_torch_does(tiny_checkpoint, tmp_path):
     """export-onnx writes <stem>.confirm.onnx beside the model; load_onnx runs the same cascade without torch;
     a missing or altered confirmer file is one clear error, never a silent stage-1-only detector."""

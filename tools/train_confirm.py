@@ -16,6 +16,11 @@ trained here on its embedding and its 527 tag logits. What the head learns from:
 
 Only sources outside data.HELDOUT_SOURCES are used, so tools/evaluate.py's held-out-source figures
 are about recordings neither stage has heard. Embeddings are cached in --cache (git-ignored runs/).
+
+With --finetune-blocks K the tagger's last K inverted-residual blocks and its last 1x1 conv are
+fine-tuned with the head (the issue's item 2a); the cache then holds the frozen trunk's activations
+where those blocks begin, so each epoch runs only the tail, and --finetune-lr 0 trains the frozen
+baseline on the very same windows.
 """
 
 from __future__ import annotations
@@ -63,16 +68,38 @@ def load_tagger(pretrained: str):
     return tagger
 
 
-class TaggerEmbedder:
-    """mn04 (frozen) over 1 s windows: [embedding | 527 logits] per window, batched."""
+def tail_start(tagger, blocks: int) -> int:
+    """Index in `tagger.features` where the fine-tuned tail of `blocks` inverted-residual blocks (and
+    the last 1x1 conv after them) begins; len(features) for none."""
+    n_blocks = len(tagger.features) - 2  # the stem first, the last 1x1 conv last
+    if not 0 <= blocks <= n_blocks:
+        raise ValueError(f"--finetune-blocks must be 0..{n_blocks}")
+    return len(tagger.features) if blocks == 0 else len(tagger.features) - 1 - blocks
 
-    def __init__(self, pretrained: str, threads: int = 1):
+
+def trunk_module(tagger, start: int):
+    """The frozen part of the tagger as one module: mel -> (logits, embedding), the whole tagger, or
+    mel -> the activation where the fine-tuned tail begins."""
+    import torch
+
+    if start >= len(tagger.features):
+        return tagger
+    return torch.nn.Sequential(*list(tagger.features)[:start])
+
+
+class TaggerEmbedder:
+    """mn04 (frozen) over 1 s windows, batched: [embedding | 527 logits] per window, or with `tail_blocks`
+    the activation (float16) where the last `tail_blocks` blocks begin."""
+
+    def __init__(self, pretrained: str, threads: int = 1, tail_blocks: int = 0):
         import torch
 
         from earshot.model.mnfeatures import MnFeatures
 
         torch.set_num_threads(threads)
         self.net = load_tagger(pretrained).eval()
+        self.start = tail_start(self.net, tail_blocks)
+        self.trunk = trunk_module(self.net, self.start).eval()
         self.features = MnFeatures()
         self._ort = None
         try:  # ONNX Runtime runs mn04's depthwise convolutions about 3x faster than torch on a CPU
@@ -81,8 +108,9 @@ class TaggerEmbedder:
             import onnxruntime as ort
 
             buf = io.BytesIO()
-            torch.onnx.export(self.net, (torch.zeros(1, 1, 128, 100),), buf, input_names=["mel"],
-                              output_names=["logits", "embedding"], dynamic_axes={"mel": {0: "batch", 3: "frames"}},
+            names = ["logits", "embedding"] if self.trunk is self.net else ["activation"]
+            torch.onnx.export(self.trunk, (torch.zeros(1, 1, 128, 100),), buf, input_names=["mel"],
+                              output_names=names, dynamic_axes={"mel": {0: "batch", 3: "frames"}},
                               opset_version=17, dynamo=False)
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
@@ -96,11 +124,14 @@ class TaggerEmbedder:
 
         mel = self.features.batch(np.stack(windows))
         if self._ort is not None:
-            logits, emb = self._ort.run(None, {"mel": mel})
+            outs = self._ort.run(None, {"mel": mel})
         else:
             with torch.inference_mode():
-                lo, em = self.net(torch.from_numpy(mel))
-            logits, emb = lo.numpy(), em.numpy()
+                out = self.trunk(torch.from_numpy(mel))
+            outs = [t.numpy() for t in out] if isinstance(out, tuple) else [out.numpy()]
+        if self.trunk is not self.net:
+            return outs[0].astype(np.float16)
+        logits, emb = outs
         return np.concatenate([emb, logits], axis=1).astype(np.float32)
 
 
@@ -138,14 +169,18 @@ def mixture_windows(mixer: augment.Mixer, rng: np.random.Generator, n: int, p_op
     return wins[:n], np.stack(ys[:n]), np.stack(ms[:n])
 
 
-def mined_windows(items, stage1, rng: np.random.Generator, trigger: float, limit: int
+def mined_windows(items, stage1, rng: np.random.Generator, trigger: float, limit: int, share: float = 1.0
                   ) -> tuple[list[np.ndarray], list[str]]:
-    """Windows where stage 1 reaches `trigger` on long streams of training negatives at recorded levels."""
+    """Windows where stage 1 reaches `trigger` on long streams of training negatives at recorded levels
+    (a random `share` of the negative clips, to bound the time spent scanning)."""
     import evaluate
 
     from earshot.config import DetectConfig
     from earshot.offline import detect_samples
 
+    if share < 1.0:
+        keep = rng.random(len(items)) < share
+        items = [it for it, k in zip(items, keep) if k]
     streams, spans = evaluate.fa_streams(items, seed=int(rng.integers(1 << 30)))
     p = stage1.frontend
     n = int(round(p.chunk_s * p.sample_rate))
@@ -176,8 +211,8 @@ def build_cache(args, stage1) -> dict[str, np.ndarray]:
     items = list(zip(train_clips, audio))
     rng = np.random.default_rng(args.seed)
     mixer = augment.real_mixer(items, data.EVENT_LABELS, stage1.frontend, augment.MixConfig())
-    embed = TaggerEmbedder(args.pretrained, args.threads)
-    out: dict[str, list] = {"x": [], "y": [], "m": [], "w": []}
+    embed = TaggerEmbedder(args.pretrained, args.threads, args.finetune_blocks)
+    out: dict[str, list] = {"x": [], "y": [], "m": [], "w": [], "tail_blocks": [np.array([args.finetune_blocks])]}
     t = time.monotonic()
     done = 0
     while done < args.windows:
@@ -190,7 +225,7 @@ def build_cache(args, stage1) -> dict[str, np.ndarray]:
         if done % 2048 < 256:
             log.info("mixture windows: %d / %d (%.1f ms each)", done, args.windows, 1000 * (time.monotonic() - t) / done)
     negatives = [(c, x) for c, x in items if c.label == data.NEGATIVE]
-    wins, kinds = mined_windows(negatives, stage1, rng, args.trigger, args.mined)
+    wins, kinds = mined_windows(negatives, stage1, rng, args.trigger, args.mined, args.mine_share)
     for i in range(0, len(wins), 256):
         out["x"].append(embed(wins[i: i + 256]))
     n_lab = len(data.EVENT_LABELS)
@@ -199,6 +234,87 @@ def build_cache(args, stage1) -> dict[str, np.ndarray]:
     out["w"].append(np.array([MINED_WEIGHT * (IMPULSIVE_WEIGHT if augment.is_hard_negative(k) else 1.0) for k in kinds],
                              dtype=np.float32))
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+class TaggerTail:
+    """The tagger from a cached activation on: its last blocks (trainable, batch-norm statistics kept
+    as AudioSet set them) and its frozen classifier -> [embedding | 527 logits]."""
+
+    def __init__(self, tagger, start: int):
+        self.tagger = tagger
+        self.blocks = list(tagger.features)[start:]
+        for p in tagger.parameters():
+            p.requires_grad_(False)
+        self.params = [p for b in self.blocks for p in b.parameters()]
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def eval(self) -> None:
+        self.tagger.eval()  # also batch norm: a few thousand windows would only pull its statistics astray
+
+    def __call__(self, a):
+        import torch
+
+        for b in self.blocks:
+            a = b(a)
+        return torch.cat([a.mean(dim=(2, 3)), self.tagger.classifier(a)], dim=1)
+
+
+def tail_outputs(tail: TaggerTail, acts: np.ndarray):
+    """[embedding | logits] of every cached activation, without gradients, in batches."""
+    import torch
+
+    with torch.no_grad():
+        return torch.cat([tail(torch.from_numpy(acts[i: i + 512].astype(np.float32))) for i in range(0, len(acts), 512)])
+
+
+def finetune(cache: dict[str, np.ndarray], tagger, blocks: int, seed: int, epochs: int, hidden: int, lr: float,
+             weight_decay: float = 1e-3):
+    """The tagger's last `blocks` blocks and a confirm head on cached trunk activations (item 2a);
+    with `lr` 0 the tagger stays frozen (the baseline on the same windows). Returns (head, summary);
+    the tagger is changed in place."""
+    import torch
+
+    from earshot.model.confirm import ConfirmHead
+
+    torch.manual_seed(seed)
+    tail = TaggerTail(tagger, tail_start(tagger, blocks))
+    tail.eval()
+    acts = cache["x"]
+    y, m, w = (torch.from_numpy(cache[k]) for k in ("y", "m", "w"))
+    x0 = tail_outputs(tail, acts)
+    head = ConfirmHead(x0.shape[1], hidden, y.shape[1])
+    head.set_normalization(x0.mean(0), x0.std(0) + 1e-3)
+    groups = [{"params": head.parameters(), "lr": 2e-3}]
+    if lr > 0:
+        groups.append({"params": tail.params, "lr": lr})
+    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
+    n = len(acts)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=epochs * (n // 128 + 1))
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    t = time.monotonic()
+    for epoch in range(epochs):
+        head.train()
+        perm = torch.randperm(n, generator=gen)
+        for i in range(0, n, 128):
+            b = perm[i: i + 128]
+            xb = tail(torch.from_numpy(acts[b.numpy()].astype(np.float32))) if lr > 0 else x0[b]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(xb), y[b], reduction="none")
+            loss = (loss * m[b] * w[b, None]).sum() / (m[b] * w[b, None]).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        log.info("epoch %d / %d: loss %.4f (%.0f s)", epoch + 1, epochs, float(np.mean(losses[-100:])),
+                 time.monotonic() - t)
+    head.eval()
+    for p in tagger.parameters():
+        p.requires_grad_(False)
+    return head, {"windows": n, "epochs": epochs, "final_loss": float(np.mean(losses[-50:])),
+                  "finetuned_blocks": blocks, "finetune_lr": lr,
+                  "positives_per_class": (y * m).sum(0).tolist(), "mined_negatives": int((w > 1.5).sum())}
 
 
 def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int, weight_decay: float = 1e-3):
@@ -270,6 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse-hops", type=int, default=5, help="hops a confirmation stands while its class stays triggered")
     ap.add_argument("--heldout-sources", default=None,
                     help="comma-separated sources never trained on (default: data.HELDOUT_SOURCES)")
+    ap.add_argument("--finetune-blocks", type=int, default=0,
+                    help="fine-tune the tagger's last K inverted-residual blocks and last conv with the head (0: frozen)")
+    ap.add_argument("--finetune-lr", type=float, default=3e-4,
+                    help="peak learning rate of the fine-tuned blocks (0: keep them frozen, same cache)")
+    ap.add_argument("--mine-share", type=float, default=1.0, help="share of the training negatives scanned for hard ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -282,19 +403,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.cache and Path(args.cache).is_file():
         cache = dict(np.load(args.cache))
         log.info("reusing %s: %d windows", args.cache, len(cache["x"]))
+        if int(cache.get("tail_blocks", np.array([0]))[0]) != args.finetune_blocks:
+            raise SystemExit(f"{args.cache} was built for another --finetune-blocks; give a new --cache")
     else:
         miner = load_checkpoint(args.mine_with) if args.mine_with else stage1
         cache = build_cache(args, miner)
         if args.cache:
             Path(args.cache).parent.mkdir(parents=True, exist_ok=True)
             np.savez(args.cache, **cache)
-    head, summary = train_head(cache, args.seed, args.epochs, args.hidden, args.weight_decay)
+    tagger = load_tagger(args.pretrained)
+    if args.finetune_blocks:
+        head, summary = finetune(cache, tagger, args.finetune_blocks, args.seed, args.epochs, args.hidden,
+                                 args.finetune_lr, args.weight_decay)
+    else:
+        head, summary = train_head(cache, args.seed, args.epochs, args.hidden, args.weight_decay)
     log.info("head trained: %s", summary)
-    confirmer = Confirmer(load_tagger(args.pretrained), head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
+    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
                           reuse_hops=args.reuse_hops)
     prov = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
-            "pretrained": "EfficientAT mn04_as (AudioSet, mAP 0.432), MIT licence, frozen",
+            "pretrained": "EfficientAT mn04_as (AudioSet, mAP 0.432), MIT licence, "
+                          + (f"last {args.finetune_blocks} blocks fine-tuned" if args.finetune_blocks and args.finetune_lr > 0
+                             else "frozen"),
             "heldout_sources": list(data.parse_sources(args.heldout_sources)), **summary}
     attach_confirmer(args.stage1, args.out, confirmer, prov)
     log.info("wrote %s", args.out)
