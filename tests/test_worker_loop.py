@@ -144,3 +144,31 @@ def test_worker_wakes_about_once_per_hop_not_per_tick(tmp_path, loaded, n_source
     # At most two looks per hop period (the one that reads and, now and then, one that finds the
     # capture block not yet written), plus a look per MAX_WAIT_S while nothing is due.
     assert steps <= 2 * (hops / n_sources) + 4 / MAX_WAIT_S, (steps, hops)
+
+
+def test_hops_per_pass_scores_two_hops_per_wake_with_the_same_scores(tmp_path, loaded):
+    """[worker] hops_per_pass = 2: a live source is read when two hops are due and both are scored in
+    one pass (about half the passes of one hop each), with the scores offline scoring gives."""
+    from earshot.config import WorkerConfig
+
+    audio = (np.random.default_rng(4).standard_normal(16000 * 4) * 0.05).astype(np.float32)
+    wav = tmp_path / "live.wav"
+    sf.write(wav, audio, 16000, subtype="FLOAT")
+    config = Config(sources=(SourceConfig(name="s", kind="file", path=str(wav), realtime=True),),
+                    worker=WorkerConfig(hops_per_pass=2))
+    rec = Recorder(wants_hops=True, wants_mel=False)
+    svc = Service(config, loaded, NullPublisher(), taps=[rec])
+    svc.start()
+    passes, pass_of_hop = 0, []
+
+    def count() -> None:
+        nonlocal passes
+        passes += 1
+
+    svc.worker.on_step = count
+    rec.on_hop = lambda source, hop: (rec.hops.append(hop), pass_of_hop.append(passes))
+    assert svc.supervise() == 0
+    times, scores, _ = score_samples(audio, loaded)
+    np.testing.assert_allclose([h.t_end for h in rec.hops], times, atol=1e-6)
+    np.testing.assert_allclose(np.stack([h.scores for h in rec.hops]), scores, atol=1e-5)
+    assert len(set(pass_of_hop)) <= 0.6 * len(rec.hops), (len(set(pass_of_hop)), len(rec.hops))

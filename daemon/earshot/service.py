@@ -38,8 +38,8 @@ TICK_S = 0.025
 """How often a disabled or ended source is looked at (s); a live one is read when its next hop is
 due (see `Worker._step`)."""
 MAX_WAIT_S = 0.1
-"""Longest sleep of the worker (s): run-time calls (a threshold set over MQTT, a reload) and a
-stop are seen within it. Waking every TICK_S whatever was due cost a single-stream daemon 46
+"""Longest sleep of the worker (s), times `hops_per_pass`: run-time calls (a threshold set over MQTT,
+a reload) and a stop are seen within it. Waking every TICK_S whatever was due cost a single-stream daemon 46
 wake-ups a second for 10 hops; each one costs more on a small machine than its Python does."""
 MIN_SLEEP_S = 0.002
 """Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
@@ -130,11 +130,11 @@ class Stream:
         return True
 
 
-def _due(stream: Stream) -> tuple[int | None, float]:
+def _due(stream: Stream, hops: int = 1) -> tuple[int | None, float]:
     """How much to read from `stream` now: (samples at the source rate or None for all, seconds until due).
 
-    A source is read when its ring holds the audio that completes the stream's next window (and
-    whole hops beyond it when it is behind): every read then yields exactly one hop of frames, so
+    A source is read when its ring holds the audio that completes the stream's next `hops` windows
+    (and whole hops beyond them when it is behind): every read then yields whole hops of frames, so
     all streams that are due share one forward pass, and nothing is computed per capture block.
     (0, wait) means not due yet. Disabled streams and ended sources are drained whole; captures
     without a ring (test doubles) are read on every loop and do their own waiting.
@@ -149,6 +149,7 @@ def _due(stream: Stream) -> tuple[int | None, float]:
     p = a.params
     chunk, hop, seen = p.chunk_frames, a.hop_frames, a.frames_out
     end_frame = chunk if seen < chunk else seen + hop - (seen - chunk) % hop  # next window end after `seen`
+    end_frame += (hops - 1) * hop
     need = max(1, p.samples_for(end_frame) - a.audio.end)  # at the model rate
     rate, target = cap.samplerate, cap.target_rate
     hop_src = a.hop_samples
@@ -173,9 +174,12 @@ class Worker(threading.Thread):
     """
 
     def __init__(self, streams: list[Stream], loaded: LoadedModel, publish: Callable[[Event], None],
-                 taps: list[Tap], stop: threading.Event, name: str = "earshot-worker"):
+                 taps: list[Tap], stop: threading.Event, name: str = "earshot-worker", hops_per_pass: int = 1):
         super().__init__(name=name, daemon=True)
         self.streams, self.publish, self.taps, self.stop = streams, publish, taps, stop
+        self.hops_per_pass = hops_per_pass
+        """Hops of a source that must be due before it is read (`WorkerConfig.hops_per_pass`)."""
+        self.max_wait_s = MAX_WAIT_S * hops_per_pass
         first = streams[0].analyzer
         self.scorer = loaded.multi_stream_scorer(first.params.chunk_frames, first.hop_frames, len(streams))
         self.n_mels = first.params.n_mels
@@ -259,7 +263,7 @@ class Worker(threading.Thread):
                 self.on_step()
             if wait > 0:
                 # A plain sleep: an Event wait with a timeout allocates a lock each time, and this
-                # runs ten or more times a second; a stop is still seen within MAX_WAIT_S + a hop.
+                # runs ten or more times a second; a stop is still seen within max_wait_s + a pass.
                 time.sleep(wait)
         for stream in self.streams:
             if not stream.done:
@@ -274,12 +278,12 @@ class Worker(threading.Thread):
         frames = [self.no_frames] * len(self.streams)
         fed: list[int] = []
         blocks: list[np.ndarray] = []
-        wait = MAX_WAIT_S
+        wait = self.max_wait_s
         now = time.monotonic()
         for i, stream in enumerate(self.streams):
             if stream.done:
                 continue
-            n, due_in = _due(stream)
+            n, due_in = _due(stream, self.hops_per_pass)
             if not n:  # not due, or read whole (no ring, disabled, ended)
                 wait = min(wait, due_in)
             if n == 0:
@@ -311,14 +315,14 @@ class Worker(threading.Thread):
             for i in fed:
                 self._emit(self.streams[i], self.streams[i].analyzer.scored(results[i]))
         for i in fed:
-            wait = min(wait, _due(self.streams[i])[1])  # just read: when its next hop is due
+            wait = min(wait, _due(self.streams[i], self.hops_per_pass)[1])  # just read: when its next pass is due
         if wait <= 0:
             return 0.0  # a capture without a ring (its read waits), or a source behind: look again at once
         # Audio arrives in whole capture blocks, so a hop is complete once the block holding its
         # end is written, up to one block after it is due: waking earlier finds nothing new.
         # Sources due within that slack of each other share one pass.
         slack = max([BLOCK_SLACK_S] + [s.source.block_s for s in self.streams if not s.done])
-        return max(MIN_SLEEP_S, min(MAX_WAIT_S, wait + slack))
+        return max(MIN_SLEEP_S, min(self.max_wait_s, wait + slack))
 
     def publish_all(self, stream: Stream, events: list[Event]) -> None:
         """Pass events through the taps and publish them (worker thread only)."""
@@ -382,7 +386,8 @@ class Service:
             for stream in self.streams:
                 stream.capture.stop()
             raise
-        self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop)
+        self.worker = Worker(self.streams, self.loaded, self.publisher.publish, self.taps, self.stop,
+                             hops_per_pass=self.config.worker.hops_per_pass)
         self.worker.start()
         names = ", ".join(s.source.name for s in self.streams)
         labels = [label for label in self.loaded.labels if label in (self.config.detect.labels or self.loaded.labels)]

@@ -151,7 +151,8 @@ def _child_run(conn: Any, index: int, config: Config, names: list[str], model_pa
         return 1
     taps: list[Any] = [cls(*spec) for cls, spec in tap_specs]
     relay = _Relay(conn, streams)
-    worker = Worker(streams, loaded, relay.publish, [*taps, relay], stop, name=f"earshot-worker-{index}")
+    worker = Worker(streams, loaded, relay.publish, [*taps, relay], stop, name=f"earshot-worker-{index}",
+                    hops_per_pass=config.worker.hops_per_pass)
     worker.on_step = relay.flush
     worker.log_events = False  # the daemon logs them as it publishes them
     conn.send(("ready", {s.source.name: s.capture.samplerate for s in streams}))
