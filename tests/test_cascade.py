@@ -96,6 +96,8 @@ def test_confirmer_round_trips_through_its_checkpoint_section():
     (lambda d: d["tagger"].__setitem__("features.0.0.weight", torch.full((8, 1, 3, 3), float("nan"))), "NaN"),
     (lambda d: d.__setitem__("labels", ["a", "b", "c"]), "labels"),
     (lambda d: d.__setitem__("triggers", {"alarm": 1.5, "glass_break": 0.1, "gunshot": 0.1}), "triggers"),
+    (lambda d: d.__setitem__("triggers", {"siren": 0.1}), "triggers"),
+    (lambda d: d.__setitem__("triggers", {}), "triggers"),
     (lambda d: d["head"].pop("net.0.weight"), "confirm section"),
     (lambda d: d.__setitem__("tagger_dims", {"width": 0.4, "n_mels": 128, "n_classes": 10**9, "head_hidden": 1280}),
      "implausible"),
@@ -106,6 +108,33 @@ def test_a_bad_confirm_section_is_one_clear_error(spoil, message):
     with pytest.raises(ConfirmError, match=message) as info:
         from_dict(d, LABELS)
     assert "\n" not in str(info.value)
+
+
+def test_a_class_without_a_trigger_is_never_confirmed(tiny_checkpoint, tmp_path):
+    """A confirmer for alarms and glass breaks only: the gunshot score is stage 1's even where it is
+    high, the others are the confirmer's; the subset survives a save and a strict load."""
+    from earshot.model import CascadeState
+
+    c = _confirmer(trigger=0.05)
+    c.set_triggers({"alarm": 0.05, "glass_break": 0.05})
+    pt = tmp_path / "subset.pt"
+    attach_confirmer(str(tiny_checkpoint), str(pt), c, {})
+    again = load_checkpoint(pt).confirmer
+    assert again.triggers == {"alarm": 0.05, "glass_break": 0.05}
+    state = CascadeState(again)
+    window = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    stage1 = np.array([0.9, 0.9, 0.9], dtype=np.float32)
+    out = state.apply(stage1, lambda: window)
+    np.testing.assert_allclose(out[:2], again.score(window)[:2], atol=1e-6)
+    assert out[2] == np.float32(0.9)
+    with pytest.raises(ValueError, match="triggers"):
+        again.set_triggers({"gunshot": 1.0})
+    from earshot.model import load_model
+    from earshot.model.onnx import export_onnx
+
+    export_onnx(load_checkpoint(pt), tmp_path / "subset.onnx")
+    onnx_confirmer = load_model(tmp_path / "subset.onnx").confirmer
+    assert onnx_confirmer.triggers == again.triggers and np.isinf(onnx_confirmer.trigger_array[2])
 
 
 class _CountingConfirmer:

@@ -495,15 +495,15 @@ def source_halves(heldout: Sequence[data.Clip]) -> dict[str, str]:
 
 
 TRIGGER_GRID = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-"""Candidate stage-1 triggers of a cascade (the same for every class)."""
+"""Candidate stage-1 triggers of a cascade (the same for every confirmed class)."""
 
 
 class _CallCounter:
     """Stands in for a confirmer to count how often a trigger would call it (calls depend only on stage 1)."""
 
-    def __init__(self, trigger: float, reuse_hops: int, n: int):
-        self.trigger_array = np.full(n, trigger, dtype=np.float32)
-        self.reuse_hops, self.labels, self.calls = reuse_hops, list(range(n)), 0
+    def __init__(self, trigger: float, reuse_hops: int, confirmed: list[bool]):
+        self.trigger_array = np.where(confirmed, trigger, np.inf).astype(np.float32)
+        self.reuse_hops, self.labels, self.calls = reuse_hops, list(range(len(confirmed))), 0
 
     def score(self, window) -> np.ndarray:
         self.calls += 1
@@ -528,7 +528,8 @@ def choose_trigger(neg_sets, loaded, seed: int, max_calls_per_hour: float) -> tu
     for trig in TRIGGER_GRID:
         per_set = []
         for streams, hours in runs:
-            counter = _CallCounter(trig, loaded.confirmer.reuse_hops, len(loaded.labels))
+            counter = _CallCounter(trig, loaded.confirmer.reuse_hops,
+                                   [label in loaded.confirmer.triggers for label in loaded.labels])
             for scores in streams:
                 state = CascadeState(counter)
                 for row in scores:
@@ -722,7 +723,7 @@ def evaluate_model(path: str, items_by_split: dict, args) -> dict:
             min_threshold = 0.0
             if loaded.confirmer is not None:  # below its trigger stage 1 alone would decide: keep thresholds above it
                 trig, rates = choose_trigger([cal_negs, gval_negs], loaded, args.seed, args.max_confirm_per_hour)
-                loaded.confirmer.set_triggers({label: trig for label in labels})
+                loaded.confirmer.set_triggers({label: trig for label in loaded.confirmer.triggers})
                 min_threshold = trig
                 result["trigger"] = {"chosen": trig, "confirmer_calls_per_hour": rates,
                                      "max_calls_per_hour": args.max_confirm_per_hour}

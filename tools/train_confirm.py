@@ -390,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="fine-tune the tagger's last K inverted-residual blocks and last conv with the head (0: frozen)")
     ap.add_argument("--finetune-lr", type=float, default=3e-4,
                     help="peak learning rate of the fine-tuned blocks (0: keep them frozen, same cache)")
+    ap.add_argument("--confirm-labels", default=None,
+                    help="comma-separated classes the confirmer decides (default: all); stage 1 alone decides the others")
     ap.add_argument("--mine-share", type=float, default=1.0, help="share of the training negatives scanned for hard ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -418,7 +420,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         head, summary = train_head(cache, args.seed, args.epochs, args.hidden, args.weight_decay)
     log.info("head trained: %s", summary)
-    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in stage1.labels},
+    confirmed = [c.strip() for c in (args.confirm_labels or ",".join(stage1.labels)).split(",") if c.strip()]
+    if not set(confirmed) <= set(stage1.labels):
+        raise SystemExit(f"--confirm-labels: {confirmed} are not all among {list(stage1.labels)}")
+    confirmer = Confirmer(tagger, head, list(stage1.labels), {label: args.trigger for label in confirmed},
                           reuse_hops=args.reuse_hops)
     prov = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seed": args.seed,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),

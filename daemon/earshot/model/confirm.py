@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .cascade import trigger_array, triggers_problem
 from .mn import MnDims, MobileNetTagger
 from .mnfeatures import MnFeatures
 
@@ -63,7 +64,8 @@ class Confirmer:
     head: ConfirmHead
     labels: list[str]
     triggers: dict[str, float]
-    """Stage-1 score (per class) at or above which the confirmer is asked."""
+    """Stage-1 score (per class) at or above which the confirmer is asked; a class left out is never
+    confirmed."""
     window_s: float = 1.0
     reuse_hops: int = 2
     """A confirmation stands for this many hops while its class stays triggered."""
@@ -73,15 +75,16 @@ class Confirmer:
         self.tagger.eval()
         self.head.eval()
         self.features = MnFeatures()
-        self.trigger_array = np.array([self.triggers[label] for label in self.labels], dtype=np.float32)
+        self.trigger_array = trigger_array(self.triggers, self.labels)
         self.calls = 0
 
     def set_triggers(self, triggers: dict[str, float]) -> None:
-        """New per-class triggers (each in (0, 1)), e.g. chosen by calibration for a CPU budget."""
-        if set(triggers) != set(self.labels) or not all(0.0 < float(v) < 1.0 for v in triggers.values()):
-            raise ValueError(f"triggers must give each of {self.labels} a value in (0, 1)")
+        """New per-class triggers (each in (0, 1), for the confirmed classes), e.g. chosen by calibration
+        for a CPU budget."""
+        if problem := triggers_problem(triggers, self.labels):
+            raise ValueError(problem)
         self.triggers = {k: float(v) for k, v in triggers.items()}
-        self.trigger_array = np.array([self.triggers[label] for label in self.labels], dtype=np.float32)
+        self.trigger_array = trigger_array(self.triggers, self.labels)
 
     def score(self, window: np.ndarray) -> np.ndarray:
         """Probabilities (C,) for one window of 16 kHz audio (any length >= 0.1 s)."""
@@ -122,9 +125,8 @@ def from_dict(d: Any, labels: list[str]) -> Confirmer:
     if list(d.get("labels", [])) != list(labels):
         raise ConfirmError(f"confirm section: labels {d.get('labels')} differ from the model's {labels}")
     triggers = d.get("triggers")
-    if not isinstance(triggers, dict) or set(triggers) != set(labels) or not all(
-            isinstance(v, float) and 0.0 < v < 1.0 for v in triggers.values()):
-        raise ConfirmError("confirm section: triggers must give every label a value in (0, 1)")
+    if problem := triggers_problem(triggers, list(labels)):
+        raise ConfirmError(f"confirm section: {problem}")
     try:
         tdims = MnDims(**d["tagger_dims"])
         hd = d["head_dims"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from .cascade import trigger_array, triggers_problem
 from .mnfeatures import MnFeatures
 from .ortsession import cpu_session
 from .spec import CheckpointError
@@ -85,7 +86,7 @@ class OnnxConfirmer:
     features: MnFeatures = field(default_factory=MnFeatures)
 
     def __post_init__(self) -> None:
-        self.trigger_array = np.array([self.triggers[label] for label in self.labels], dtype=np.float32)
+        self.trigger_array = trigger_array(self.triggers, self.labels)
         self.calls = 0
 
     def score(self, window: np.ndarray) -> np.ndarray:
@@ -108,8 +109,7 @@ def load_confirmer(entry: Any, stage1_path: Path, labels: list[str], threads: in
         raise CheckpointError(f"{bad} metadata: {exc}") from exc
     if Path(name).name != name:
         raise CheckpointError(f"{bad} file {name!r} must be a plain file name beside the model")
-    if list(entry.get("labels", [])) != list(labels) or set(triggers) != set(labels) or not all(
-            0.0 < v < 1.0 for v in triggers.values()):
+    if list(entry.get("labels", [])) != list(labels) or triggers_problem(triggers, list(labels)):
         raise CheckpointError(f"{bad} labels or triggers do not match the model's labels {labels}")
     if not (0.2 <= window_s <= 10.0 and 1 <= reuse <= 100):
         raise CheckpointError(f"{bad} window_s {window_s} or reuse_hops {reuse} out of range")
