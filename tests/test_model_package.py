@@ -32,10 +32,10 @@ TOP: dict[str, set[str]] = {
     "checkpoint": {"spec", "scoring", "cnn", "confirm"},
     "onnx": {"spec", "scoring", "ortsession"},
     "mn": {"mnfeatures"},
-    "confirm": {"mn", "mnfeatures"},
+    "confirm": {"mn", "mnfeatures", "cascade"},
     "cascade": set(),
     "mnfeatures": set(),
-    "confirm_onnx": {"mnfeatures", "spec", "ortsession"},
+    "confirm_onnx": {"mnfeatures", "spec", "ortsession", "cascade"},
     "ortsession": set(),
 }
 LAZY: dict[str, set[str]] = {
