@@ -290,9 +290,9 @@ class WorkerConfig:
     """Automatic mode: sources per worker process before another one starts. Valid: 1..1000."""
     hops_per_pass: int = 1
     """Hops of each source scored together in one pass: the worker wakes when this many are due
-    and scores them in one batched call. 2 costs about 40 % less CPU per stream (waking up, not
-    arithmetic, is most of a hop's cost on a small machine) and reports each detection up to one
-    hop (`chunk_hop`) later. Valid: 1..10."""
+    and scores them in one batched call. 2 costs about a third less CPU for one stream (waking up,
+    not arithmetic, is most of a hop's cost on a small machine) and reports each detection up to
+    one hop (`chunk_hop`) later. Valid: 1..10."""
 
 
 def _default_state_dir() -> str | None:

@@ -38,9 +38,10 @@ TICK_S = 0.025
 """How often a disabled or ended source is looked at (s); a live one is read when its next hop is
 due (see `Worker._step`)."""
 MAX_WAIT_S = 0.1
-"""Longest sleep of the worker (s), times `hops_per_pass`: run-time calls (a threshold set over MQTT,
-a reload) and a stop are seen within it. Waking every TICK_S whatever was due cost a single-stream daemon 46
-wake-ups a second for 10 hops; each one costs more on a small machine than its Python does."""
+"""Longest sleep of the worker (s), times `hops_per_pass`: run-time calls (a threshold set over
+MQTT, a reload) and a stop are seen within it. Waking every TICK_S whatever was due cost a
+single-stream daemon 46 wake-ups a second for 10 hops; each one costs more on a small machine than
+its Python does."""
 MIN_SLEEP_S = 0.002
 """Shortest sleep of the worker (s), so that a source due "now" cannot make it spin."""
 BLOCK_SLACK_S = 0.02
