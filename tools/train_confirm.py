@@ -236,6 +236,22 @@ def build_cache(args, stage1) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _update(opt, sched, logits, y, m, w) -> float:
+    """One optimizer step on the weighted, masked binary cross-entropy of a batch; returns its loss.
+
+    No positive-class weight: calibrated thresholds set the operating point, and boosting positives
+    would only inflate scores."""
+    import torch
+
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    loss = (loss * m * w[:, None]).sum() / (m * w[:, None]).sum()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    return float(loss.detach())
+
+
 class TaggerTail:
     """The tagger from a cached activation on: its last blocks (trainable, batch-norm statistics kept
     as AudioSet set them) and its frozen classifier -> [embedding | 527 logits]."""
@@ -300,13 +316,7 @@ def finetune(cache: dict[str, np.ndarray], tagger, blocks: int, seed: int, epoch
         for i in range(0, n, 128):
             b = perm[i: i + 128]
             xb = tail(torch.from_numpy(acts[b.numpy()].astype(np.float32))) if lr > 0 else x0[b]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(xb), y[b], reduction="none")
-            loss = (loss * m[b] * w[b, None]).sum() / (m[b] * w[b, None]).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(_update(opt, sched, head(xb), y[b], m[b], w[b]))
         log.info("epoch %d / %d: loss %.4f (%.0f s)", epoch + 1, epochs, float(np.mean(losses[-100:])),
                  time.monotonic() - t)
     head.eval()
@@ -329,7 +339,6 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
     head = ConfirmHead(x.shape[1], hidden, y.shape[1])
     head.set_normalization(x.mean(0), x.std(0) + 1e-3)
     pos = (y * m).sum(0)
-    pos_weight = None  # calibrated thresholds set the operating point; boosting positives only inflates scores
     opt = torch.optim.AdamW(head.parameters(), lr=2e-3, weight_decay=weight_decay)
     n = len(x)
     steps = epochs * (n // 256 + 1)
@@ -342,15 +351,7 @@ def train_head(cache: dict[str, np.ndarray], seed: int, epochs: int, hidden: int
         for i in range(0, n, 256):
             b = perm[i: i + 256]
             xb = x[b] + 0.05 * torch.randn(len(b), x.shape[1], generator=gen) * head.scale  # feature noise
-            logits = head(xb)
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y[b], pos_weight=pos_weight,
-                                                                        reduction="none")
-            loss = (loss * m[b] * w[b, None]).sum() / (m[b] * w[b, None]).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(_update(opt, sched, head(xb), y[b], m[b], w[b]))
     head.eval()
     return head, {"windows": n, "epochs": epochs, "final_loss": float(np.mean(losses[-50:])),
                   "positives_per_class": pos.tolist(), "mined_negatives": int((w > 1.5).sum())}
