@@ -72,6 +72,10 @@ class SourceConfig:
         ms = self.block_ms if self.block_ms is not None else DEFAULT_BLOCK_MS.get(self.kind, DEFAULT_BLOCK_MS["mic"])
         return float(ms) / 1000.0
 
+    def block_samples(self, rate: int) -> int:
+        """The capture block length in samples at `rate` (Hz), at least one."""
+        return max(1, int(round(rate * self.block_s)))
+
 
 @dataclass(frozen=True)
 class FrontendConfig:

@@ -27,7 +27,7 @@ class DemoCapture(Capture):
         from .. import synth  # here, not at import: it needs scipy.signal, which a daemon without a demo need not load
 
         sr = self.samplerate
-        block = max(1, int(round(sr * self.cfg.block_s)))
+        block = self.cfg.block_samples(sr)
         pace = _Pacer(sr) if self.cfg.realtime else None
         seed = 0
         t_offset = 0.0

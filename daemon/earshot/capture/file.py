@@ -78,7 +78,7 @@ class FileCapture(Capture):
     def _play_setup(self, now: float) -> None:
         f = self._file
         assert f is not None
-        self._block = max(1, int(round(f.samplerate * self.cfg.block_s)))
+        self._block = self.cfg.block_samples(f.samplerate)
         block_s = self._block / f.samplerate
         # Start on a grid shared by every source with this block length, so that the player
         # wakes once per block for all of them instead of once per source.
@@ -160,7 +160,7 @@ class FileCapture(Capture):
         """Reader thread: read blocks, downmix, emit; loop or finish at the end."""
         f = self._file
         assert f is not None
-        block = max(1, int(round(f.samplerate * self.cfg.block_s)))
+        block = self.cfg.block_samples(f.samplerate)
         pace = _Pacer(f.samplerate) if self.cfg.realtime else None
         channel = self.cfg.channel
         if channel is not None and not 0 <= int(channel) < f.channels:

@@ -78,7 +78,7 @@ class MicCapture(Capture):
             self._channels = max_in if max_in <= MAX_VIRTUAL_CHANNELS else 2
         rate = int(self.cfg.samplerate or round(float(info["default_samplerate"])))
         self._setup_rate(rate)
-        self._blocksize = max(1, int(round(rate * self.cfg.block_s)))
+        self._blocksize = self.cfg.block_samples(rate)
         self._scratch = np.zeros(self._blocksize, dtype=np.float32)
         try:
             self._open(idx)
